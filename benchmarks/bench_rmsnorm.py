@@ -1,0 +1,453 @@
+"""RMSNorm and fused residual-add RMSNorm: this library beside its peers, one process, one GPU.
+
+Usage (on a CUDA machine)::
+
+    python benchmarks/bench_rmsnorm.py             # every row of the issue + dispatch overhead
+    python benchmarks/bench_rmsnorm.py --quick     # a few rows, short timings (a smoke run)
+    python benchmarks/bench_rmsnorm.py --sweep     # time launch configurations of our kernels
+    python benchmarks/bench_rmsnorm.py --out DIR   # where the .json / .md go (default benchmarks/results)
+
+Implementations: ``ours`` (``rotalabs_accel.rmsnorm`` / ``rmsnorm_residual_fused``, the public API with
+its dispatch), ``eager_hf`` (a ``LlamaRMSNorm``-style function: fp32 upcast, normalize, cast, scale),
+``F.rms_norm``, ``compile`` (``torch.compile`` of ``eager_hf``) and ``liger`` (Liger-Kernel's
+``LigerRMSNorm`` / ``LigerFusedAddRMSNorm`` when ``liger_kernel`` is importable). bf16 inputs and weights.
+
+Bytes counted (the minimum each op must move; the weight is negligible and not counted):
+
+* forward: read x, write y = ``2 * M * N * elt``;
+* forward + backward: forward 2, then read x and dy, write dx = ``5 * M * N * elt``;
+* fused add + norm forward: read x and residual, write y and the new residual = ``4 * M * N * elt``;
+* fused forward + backward: forward 4, then read the new residual, dy and the gradient arriving at the
+  new residual, write one gradient (it is the gradient of both x and residual) = ``8 * M * N * elt``.
+
+``--sweep`` times every candidate launch configuration (``candidate_configs`` in
+``rotalabs_accel/triton_kernels/rmsnorm.py``) of our kernels at the issue's shapes, prints the fastest
+per shape next to the heuristic's pick, and writes ``rmsnorm-sweep-<gpu>-<date>.json``: update
+``FWD_TILE_TABLE`` / ``BWD_TILE_TABLE`` / ``FWD_CHUNKED`` / ``FWD_SPLIT`` from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The checkout's package, whether or not it is installed.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
+import rotalabs_accel  # noqa: E402
+from common import Row, bench_ms, copy_ceiling_gbps, gbps, try_liger, write_results  # noqa: E402
+from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused  # noqa: E402
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+EPS = 1e-6
+
+FWD_SHAPES = [(16384, 4096), (16384, 8192), (4096, 4096), (4096, 65536), (1024, 262144)]
+FWDBWD_SHAPES = [(16384, 4096), (16384, 8192), (4096, 4096)]
+FUSED_SHAPES = [(16384, 4096), (16384, 8192)]
+SMALL_SHAPES = [(1, 4096), (32, 4096)]
+
+# The issue's H100 targets (GB/s as counted here); the run reports ours and the best peer against them.
+TARGETS = {
+    ("rmsnorm_fwd", (16384, 4096)): 2850,
+    ("rmsnorm_fwd", (16384, 8192)): 2850,
+    ("rmsnorm_fwd", (4096, 4096)): 2000,
+    ("rmsnorm_fwd", (4096, 65536)): 2700,
+    ("rmsnorm_fwd", (1024, 262144)): 2500,
+    ("rmsnorm_fwdbwd", (16384, 4096)): 2200,
+    ("rmsnorm_fwdbwd", (16384, 8192)): 2200,
+    ("add_rmsnorm_fwd", (16384, 4096)): 2900,
+    ("add_rmsnorm_fwd", (16384, 8192)): 2900,
+}
+
+
+def eager_hf(x, w, eps=EPS):
+    """The Hugging Face LlamaRMSNorm forward, as a function."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return w * h.to(input_dtype)
+
+
+def eager_hf_add(x, r, w, eps=EPS):
+    s = x + r
+    return eager_hf(s, w, eps), s
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+class Bench:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.copy = 0.0
+
+    def time(self, fn) -> float:
+        return bench_ms(fn, warmup=10, rep=40) if self.quick else bench_ms(fn)
+
+    def add(self, op, impl, shape, fn, nbytes, note=""):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = self.time(fn)
+        except Exception as exc:  # a peer that cannot run a shape is a result, not a crash
+            msg = f"{op} {impl} {shape}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            print(msg, flush=True)
+            self.notes.append(msg)
+            torch.cuda.empty_cache()
+            return None
+        rate = gbps(nbytes, ms)
+        row = Row(op, impl, list(shape), ms, GBps=rate, pct_of_ceiling=100 * rate / self.copy, note=note)
+        self.rows.append(row)
+        print(f"{op:18s} {impl:12s} {str(shape):16s} {ms:9.4f} ms {rate:8.0f} GB/s "
+              f"{row.pct_of_ceiling:5.1f}%", flush=True)
+        return ms
+
+
+def _liger_modules(n):
+    if try_liger() is None:
+        return None, None
+    try:
+        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except Exception:
+        return None, None
+    return (LigerRMSNorm(n, eps=EPS).to(DEVICE, DTYPE), LigerFusedAddRMSNorm(n, eps=EPS).to(DEVICE, DTYPE))
+
+
+def _zero_grads(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def run_forward(b: Bench, shapes):
+    compiled = torch.compile(eager_hf, dynamic=False)
+    for m, n in shapes:
+        _forward_rows(b, m, n, compiled)
+        torch.cuda.empty_cache()
+
+
+def _forward_rows(b: Bench, m: int, n: int, compiled):
+    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    w = (torch.randn(n, device=DEVICE) * 0.1 + 1).to(DTYPE)
+    nbytes = 2 * m * n * x.element_size()
+    liger, _ = _liger_modules(n)
+    with torch.no_grad():
+        b.add("rmsnorm_fwd", "ours", (m, n), lambda: rmsnorm(x, w, EPS), nbytes)
+        if n <= 16384:
+            b.add("rmsnorm_fwd", "eager_hf", (m, n), lambda: eager_hf(x, w), nbytes)
+        b.add("rmsnorm_fwd", "F.rms_norm", (m, n), lambda: F.rms_norm(x, (n,), w, EPS), nbytes)
+        b.add("rmsnorm_fwd", "compile", (m, n), lambda: compiled(x, w), nbytes)
+        if liger is not None:
+            liger.weight.data.copy_(w)
+            b.add("rmsnorm_fwd", "liger", (m, n), lambda: liger(x), nbytes)
+
+
+def run_forward_backward(b: Bench, shapes):
+    compiled = torch.compile(eager_hf, dynamic=False)
+    for m, n in shapes:
+        _forward_backward_rows(b, m, n, compiled)
+        torch.cuda.empty_cache()
+
+
+def _forward_backward_rows(b: Bench, m: int, n: int, compiled):
+    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    w = (torch.randn(n, device=DEVICE) * 0.1 + 1).to(DTYPE).requires_grad_()
+    dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    nbytes = 5 * m * n * x.element_size()
+    liger, _ = _liger_modules(n)
+
+    def step(f, params=(x, w)):
+        def run():
+            _zero_grads(*params)
+            f().backward(dy)
+
+        return run
+
+    b.add("rmsnorm_fwdbwd", "ours", (m, n), step(lambda: rmsnorm(x, w, EPS)), nbytes)
+    b.add("rmsnorm_fwdbwd", "eager_hf", (m, n), step(lambda: eager_hf(x, w)), nbytes)
+    b.add("rmsnorm_fwdbwd", "F.rms_norm", (m, n), step(lambda: F.rms_norm(x, (n,), w, EPS)), nbytes)
+    b.add("rmsnorm_fwdbwd", "compile", (m, n), step(lambda: compiled(x, w)), nbytes)
+    if liger is not None:
+        liger.weight.data.copy_(w.detach())
+        # Liger's default backward writes dx into dy's buffer: hand it a fresh copy each call.
+        dy_liger = dy.clone()
+
+        def liger_step():
+            _zero_grads(x, liger.weight)
+            dy_liger.copy_(dy)
+            liger(x).backward(dy_liger)
+
+        note = "includes a copy of dy (in-place backward)"
+        b.add("rmsnorm_fwdbwd", "liger", (m, n), liger_step, nbytes, note=note)
+
+
+def run_fused(b: Bench, shapes):
+    compiled = torch.compile(eager_hf_add, dynamic=False)
+    for m, n in shapes:
+        _fused_rows(b, m, n, compiled)
+        torch.cuda.empty_cache()
+
+
+def _fused_rows(b: Bench, m: int, n: int, compiled):
+    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    r = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    w = (torch.randn(n, device=DEVICE) * 0.1 + 1).to(DTYPE).requires_grad_()
+    dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    ds = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    elt = x.element_size()
+    _, liger = _liger_modules(n)
+    impls = [
+        ("ours", lambda: rmsnorm_residual_fused(x, r, w, EPS), (x, r, w)),
+        ("eager_hf", lambda: eager_hf_add(x, r, w), (x, r, w)),
+        ("F.rms_norm", lambda: (F.rms_norm(x + r, (n,), w, EPS), None), (x, r, w)),
+        ("compile", lambda: compiled(x, r, w), (x, r, w)),
+    ]
+    if liger is not None:
+        liger.weight.data.copy_(w.detach())
+        impls.append(("liger", lambda: liger(x, r), (x, r, liger.weight)))
+    with torch.no_grad():
+        for impl, f, _ in impls:
+            note = "unfused: x + r, then F.rms_norm" if impl == "F.rms_norm" else ""
+            b.add("add_rmsnorm_fwd", impl, (m, n), f, 4 * m * n * elt, note)
+    for impl, f, params in impls:
+        if impl == "F.rms_norm":
+            continue  # no fused second output to differentiate
+
+        def run(f=f, params=params):
+            _zero_grads(*params)
+            y, s = f()
+            torch.autograd.backward([y, s], [dy, ds])
+
+        b.add("add_rmsnorm_fwdbwd", impl, (m, n), run, 8 * m * n * elt)
+
+
+def target_notes(rows: list[Row]) -> list[str]:
+    """One line per measured row group: ours against the target and against the fastest peer."""
+    by_key: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.GBps is not None:
+            by_key.setdefault((r.op, tuple(r.shape)), {})[r.impl] = r.GBps
+    lines = []
+    for (op, shape), rates in by_key.items():
+        ours = rates.get("ours")
+        if ours is None:
+            continue
+        peers = {k: v for k, v in rates.items() if k != "ours"}
+        best_peer = max(peers.items(), key=lambda kv: kv[1]) if peers else ("none", 0.0)
+        peer_name, peer_rate = best_peer
+        line = f"{op} {shape[0]}x{shape[1]}: ours {ours:,.0f} GB/s, best peer {peer_name} {peer_rate:,.0f}"
+        target = TARGETS.get((op, shape))
+        if target is not None:
+            verdict = "met" if ours >= target else f"MISSED by {100 * (target - ours) / target:.1f}%"
+            line += f"; target {target:,} {verdict}"
+        if peers and ours < best_peer[1]:
+            line += f"; BEHIND {best_peer[0]} by {100 * (best_peer[1] - ours) / best_peer[1]:.1f}%"
+        lines.append(line)
+    walls: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.op == "dispatch_wall":
+            walls.setdefault(tuple(r.shape), {})[r.impl] = r.ms * 1000
+    for shape, us in walls.items():
+        if "TritonRMSNorm" in us and "F.rms_norm" in us:
+            lines.append(
+                f"dispatch {shape[0]}x{shape[1]} (inference, wall-clock per call): TritonRMSNorm "
+                f"{us['TritonRMSNorm']:.1f} us, nn.RMSNorm {us.get('nn.RMSNorm', float('nan')):.1f} us, "
+                f"F.rms_norm {us['F.rms_norm']:.1f} us"
+            )
+    return lines
+
+
+def wall_us_per_call(fn, iters: int) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def run_dispatch(b: Bench):
+    """Wall-clock per eager call on small inputs, where Python launch cost dominates the kernel."""
+    iters = 500 if b.quick else 5000
+    print("\nwall-clock per call (time.perf_counter over many calls, then sync):")
+    for m, n in SMALL_SHAPES:
+        _dispatch_rows(b, m, n, iters)
+
+
+def _dispatch_rows(b: Bench, m: int, n: int, iters: int):
+    from rotalabs_accel.triton_kernels import rmsnorm as kernels
+
+    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    r = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    ours = TritonRMSNorm(n, device=DEVICE, dtype=DTYPE)
+    theirs = torch.nn.RMSNorm(n, eps=EPS, device=DEVICE, dtype=DTYPE)
+    w = ours.weight.detach()
+    liger, liger_add = _liger_modules(n)
+    # Where the time goes: the module, the functional API (validation + dispatch), the launcher
+    # (allocation + heuristic), and the bare Triton launch into preallocated outputs.
+    y = torch.empty_like(x)
+    index, sms = kernels._launch_device(x)
+    cfg = kernels._config_for("fwd", m, n, x.element_size(), sms)
+    launch_args = (x, w, None, y, None, None, m, n, EPS, 0.0, kernels.CASTING_CODES["llama"], cfg, sms)
+    cases = [
+        ("TritonRMSNorm", lambda: ours(x)),
+        ("ours functional", lambda: rmsnorm(x, w, EPS)),
+        ("ours launcher", lambda: kernels.rmsnorm_forward(x, w, EPS, 0.0, "llama", store_rstd=False)),
+        ("ours Triton launch", lambda: kernels._launch_forward(*launch_args)),
+        ("nn.RMSNorm", lambda: theirs(x)),
+        ("F.rms_norm", lambda: F.rms_norm(x, (n,), w, EPS)),
+        ("TritonRMSNorm(x, r)", lambda: ours(x, r)),
+        ("F.rms_norm(x + r)", lambda: F.rms_norm(x + r, (n,), w, EPS)),
+    ]
+    if liger is not None:
+        cases += [("LigerRMSNorm", lambda: liger(x)), ("LigerFusedAdd", lambda: liger_add(x, r))]
+    note = "wall-clock per eager call, inference mode (ms)"
+    with torch.inference_mode():
+        for name, fn in cases:
+            _dispatch_row(b, name, (m, n), fn, iters, note)
+    # The same with autograd recording, as in a training step's forward.
+    xg = x.clone().requires_grad_()
+    note = "wall-clock per eager call, recording autograd (ms)"
+    _dispatch_row(b, "TritonRMSNorm +grad", (m, n), lambda: ours(xg), iters, note)
+    _dispatch_row(b, "nn.RMSNorm +grad", (m, n), lambda: theirs(xg), iters, note)
+
+
+def _dispatch_row(b: Bench, name, shape, fn, iters, note):
+    try:
+        us = wall_us_per_call(fn, iters)
+    except Exception as exc:
+        b.notes.append(f"dispatch {name} {shape}: failed ({type(exc).__name__})")
+        return
+    b.rows.append(Row("dispatch_wall", name, list(shape), us / 1000, note=note))
+    print(f"  {name:22s} {str(shape):12s} {us:7.2f} us/call", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# --sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfg_name(c) -> str:
+    pf = " prefetch" if c.prefetch else ""
+    if c.strategy == "tile":
+        return f"tile bm={c.block_m} bn={c.block_n} w={c.num_warps} pps={c.programs_per_sm}{pf}"
+    if c.strategy == "chunked":
+        return f"chunked bn={c.block_n} w={c.num_warps} pps={c.programs_per_sm}{pf}"
+    return f"split bn={c.block_n} w={c.num_warps} sn={c.split_n}"
+
+
+def run_sweep(out_dir, quick: bool):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    copy, _ = copy_ceiling_gbps()
+    cases = [("fwd", s, False) for s in FWD_SHAPES] + [("fwd", s, True) for s in FUSED_SHAPES]
+    cases += [("bwd", s, False) for s in FWDBWD_SHAPES] + [("bwd", s, True) for s in FUSED_SHAPES]
+    if quick:
+        cases = cases[:1]
+    rows: list[Row] = []
+    summary = []
+    for direction, (m, n), fused in cases:
+        line = _sweep_case(rows, direction, m, n, fused, sms, copy)
+        if line:
+            summary.append(line)
+        torch.cuda.empty_cache()
+    print(f"\nSummary (copy ceiling {copy:,.0f} GB/s):")
+    for line in summary:
+        print("  " + line)
+    name = f"rmsnorm-sweep-{gpu_slug()}-{dt.date.today().isoformat()}"
+    path = write_results(name, rows, {"copy": copy}, notes=summary, out_dir=out_dir)
+    print(f"\nwrote {path}")
+
+
+def _sweep_case(rows, direction, m, n, fused, sms, copy):
+    from rotalabs_accel.triton_kernels import rmsnorm as k
+
+    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    w = (torch.randn(n, device=DEVICE) * 0.1 + 1).to(DTYPE)
+    other = torch.randn(m, n, device=DEVICE, dtype=DTYPE) if fused else None  # residual / its gradient
+    dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    _, _, rstd = k.rmsnorm_forward(x, w, EPS, 0.0, "llama")
+    passes = (4 if fused else 2) if direction == "fwd" else (4 if fused else 3)
+    nbytes = passes * m * n * x.element_size()
+    op = f"sweep_{'add_' if fused else ''}{direction}"
+    results = []
+    for i, cfg in enumerate(k.candidate_configs(direction, m, n, x.element_size(), sms)):
+        if direction == "fwd":
+            def fn(cfg=cfg):
+                return k.rmsnorm_forward(x, w, EPS, 0.0, "llama", residual=other, config=cfg)
+        else:
+            def fn(cfg=cfg):
+                return k.rmsnorm_backward(dy, x, w, rstd, 0.0, "llama", dresidual=other, config=cfg)
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = bench_ms(fn, warmup=10, rep=40)
+        except Exception as exc:
+            print(f"  {op} {(m, n)} {_cfg_name(cfg)}: failed ({type(exc).__name__})", flush=True)
+            continue
+        rate = gbps(nbytes, ms)
+        name = ("heuristic: " if i == 0 else "") + _cfg_name(cfg)
+        results.append((rate, ms, name))
+        rows.append(Row(op, name, [m, n], ms, GBps=rate, pct_of_ceiling=100 * rate / copy))
+    if not results:
+        return None
+    results.sort(reverse=True)
+    heuristic = next((r for r in results if r[2].startswith("heuristic")), (float("nan"), 0.0, ""))
+    print(f"\n{op} {(m, n)}: {len(results)} configs, {passes} passes", flush=True)
+    for rate, ms, name in results[:5]:
+        print(f"  {rate:8.0f} GB/s {ms:9.4f} ms  {name}")
+    print(f"  heuristic: {heuristic[0]:8.0f} GB/s", flush=True)
+    return (f"{op} {m}x{n}: best {results[0][2]} at {results[0][0]:,.0f} GB/s; "
+            f"heuristic {heuristic[0]:,.0f} GB/s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument("--quick", action="store_true", help="a few rows with short timings")
+    parser.add_argument("--sweep", action="store_true", help="time launch configurations of our kernels")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_rmsnorm: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rotalabs_accel.set_backend("auto")
+    if args.sweep:
+        run_sweep(args.out, args.quick)
+        return 0
+    b = Bench(args.quick)
+    b.copy, _ = copy_ceiling_gbps()
+    print(f"copy ceiling: {b.copy:,.0f} GB/s on {torch.cuda.get_device_name()}")
+    if args.quick:
+        run_forward(b, FWD_SHAPES[:1])
+        run_forward_backward(b, FWDBWD_SHAPES[:1])
+        run_fused(b, FUSED_SHAPES[:1])
+    else:
+        run_forward(b, FWD_SHAPES)
+        run_forward_backward(b, FWDBWD_SHAPES)
+        run_fused(b, FUSED_SHAPES)
+    run_dispatch(b)
+    b.notes.append("bf16 inputs and weights; GB/s counts the bytes each op must move (see bench_rmsnorm.py)")
+    b.notes.extend(target_notes(b.rows))
+    print("\n" + "\n".join(target_notes(b.rows)))
+    name = f"rmsnorm-{gpu_slug()}-{dt.date.today().isoformat()}"
+    path = write_results(name, b.rows, {"copy": b.copy}, notes=b.notes, out_dir=args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

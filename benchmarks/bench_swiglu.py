@@ -1,0 +1,410 @@
+"""Benchmark SwiGLU: the activation (forward, forward+backward) and the whole feed-forward block.
+
+Run on a CUDA machine from the repository root::
+
+    python benchmarks/bench_swiglu.py                 # everything below, results in benchmarks/results/
+    python benchmarks/bench_swiglu.py --sweep         # ... plus a launch-configuration sweep of our kernels
+    python benchmarks/bench_swiglu.py --quick         # small shapes, short timings (a smoke test)
+    python benchmarks/bench_swiglu.py --only sweep    # one part only: act, ffn or sweep (comma-separated)
+
+Activation rows (bf16): ``silu(gate) * up`` at 16384x14336 and 4096x11008 for this library (separate
+``gate``/``up``, and one packed ``[M, 2N]`` tensor), PyTorch eager ``F.silu(g) * u``, ``torch.compile`` of
+it and Liger-Kernel's ``LigerSiLUMulFunction``. Bytes counted: forward 3 passes over ``M x N`` (read gate
+and up, write out), forward+backward 8 (forward, then read grad, gate, up and write two gradients).
+
+Feed-forward rows (bf16, 8192 tokens, hidden 4096, intermediate 14336): forward+backward time and peak
+memory above the inputs (``x``, ``grad_y`` and the weights exist before the peak counter is reset; the
+output and all gradients count) for Hugging Face ``LlamaMLP``, its ``torch.compile``, Liger-Kernel's
+``LigerSwiGLUMLP`` and this library's ``SwiGLU`` with ``fused_gate_up`` off and on.
+
+Writes ``swiglu-<gpu>-<date>.json`` and ``.md`` (see ``common.write_results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import rotalabs_accel  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import Row, bench_ms, copy_ceiling_gbps, gbps, write_results  # noqa: E402
+from rotalabs_accel import SwiGLU, swiglu_fused  # noqa: E402
+
+ACT_SHAPES = [(16384, 14336), (4096, 11008)]
+FFN_SHAPE = (8192, 4096, 14336)  # tokens, hidden, intermediate
+QUICK_ACT_SHAPES = [(2048, 4096)]
+QUICK_FFN_SHAPE = (2048, 1024, 2816)
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+ELT = 2
+
+# The issue's targets (H100, bf16).
+TARGET_FWD_GBPS = 2900
+TARGET_FWDBWD_GBPS = 2500
+TARGET_FFN_SPEEDUP_VS_HF = 1.05
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name()
+    match = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper().replace("NVIDIA", ""))
+    if match:
+        return match.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation
+# --------------------------------------------------------------------------------------------------
+
+
+def _eager(gate, up):
+    return F.silu(gate) * up
+
+
+def activation_impls(notes: list[str]) -> dict:
+    """name -> function; "... packed" ones take one [M, 2N] tensor, the others (gate, up)."""
+    impls = {"rotalabs": swiglu_fused, "rotalabs packed": swiglu_fused, "eager": _eager}
+    # A fresh static-shape compile per shape: a reused one would recompile with dynamic shapes.
+    impls["torch.compile"] = torch.compile(_eager, dynamic=False)
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        impls["liger"] = lambda g, u: LigerSiLUMulFunction.apply(g, u)
+    except Exception as exc:  # not installed or broken
+        notes.append(f"Liger-Kernel activation skipped: {type(exc).__name__}: {exc}")
+    return impls
+
+
+def bench_activation(shapes, rows: list[Row], notes: list[str], ceiling: float, warmup: int,
+                     rep: int) -> None:
+    for m, n in shapes:
+        impls = activation_impls(notes if (m, n) == shapes[0] else [])
+        gate = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+        up = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+        gate_up = torch.cat([gate, up], dim=1)
+        grad = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+        expected = _eager(gate.float(), up.float())
+        fwd_bytes, fwdbwd_bytes = 3 * m * n * ELT, 8 * m * n * ELT
+        for name, fn in impls.items():
+            packed = name.endswith("packed")
+            args = (gate_up,) if packed else (gate, up)
+            with torch.no_grad():
+                err = rel_err(fn(*args), expected)
+            # Forward only, inputs without grad.
+            with torch.no_grad():
+                ms = bench_ms(lambda fn=fn, args=args: fn(*args), warmup=warmup, rep=rep)
+            rows.append(Row("swiglu_fwd", name, [m, n], ms, gbps(fwd_bytes, ms),
+                            pct_of_ceiling=100 * gbps(fwd_bytes, ms) / ceiling, note=f"rel err {err:.1e}"))
+            log(f"  fwd     {m}x{n} {name:16s} {ms:8.4f} ms {gbps(fwd_bytes, ms):7.0f} GB/s")
+            # Forward + backward: fresh gradients each call (autograd.grad: no accumulation pass).
+            leaves = tuple(t.detach().clone().requires_grad_() for t in args)
+
+            def step(fn=fn, leaves=leaves, grad=grad):
+                out = fn(*leaves)
+                return torch.autograd.grad(out, leaves, grad)
+
+            ms = bench_ms(step, warmup=warmup, rep=rep)
+            note = "writes gradients over its inputs" if name == "liger" else ""
+            rows.append(Row("swiglu_fwdbwd", name, [m, n], ms, gbps(fwdbwd_bytes, ms),
+                            pct_of_ceiling=100 * gbps(fwdbwd_bytes, ms) / ceiling, note=note))
+            log(f"  fwd+bwd {m}x{n} {name:16s} {ms:8.4f} ms {gbps(fwdbwd_bytes, ms):7.0f} GB/s")
+            del leaves
+        del gate, up, gate_up, grad, expected
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Feed-forward block
+# --------------------------------------------------------------------------------------------------
+
+
+class EagerSwiGLUMLP(torch.nn.Module):
+    """The Hugging Face ``LlamaMLP`` computation, for machines without transformers."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def ffn_modules(hidden: int, inter: int, notes: list[str]) -> dict[str, torch.nn.Module]:
+    config = None
+    try:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        heads = max(1, hidden // 128)
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, hidden_act="silu", mlp_bias=False,
+                             num_attention_heads=heads, num_key_value_heads=heads)
+        hf = LlamaMLP(config)
+        hf_name = "hf LlamaMLP"
+    except Exception as exc:
+        notes.append(f"transformers unavailable ({type(exc).__name__}); 'hf LlamaMLP' is an equivalent "
+                     "module")
+        hf = EagerSwiGLUMLP(hidden, inter)
+        hf_name = "hf LlamaMLP"
+    hf = hf.to(device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+    modules = {hf_name: hf, "hf LlamaMLP + torch.compile": torch.compile(copy.deepcopy(hf), dynamic=False)}
+    if config is not None:
+        try:
+            from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+            liger = LigerSwiGLUMLP(config).to(device=DEVICE, dtype=DTYPE)
+            liger.load_state_dict(hf.state_dict())
+            modules["liger LigerSwiGLUMLP"] = liger
+        except Exception as exc:
+            notes.append(f"Liger-Kernel LigerSwiGLUMLP skipped: {type(exc).__name__}: {exc}")
+    modules["rotalabs SwiGLU"] = SwiGLU.from_module(copy.deepcopy(hf))
+    modules["rotalabs SwiGLU fused_gate_up"] = SwiGLU.from_module(copy.deepcopy(hf), fused_gate_up=True)
+    return modules
+
+
+def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int) -> None:
+    tokens, hidden, inter = shape
+    modules = ffn_modules(hidden, inter, notes)
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE).requires_grad_()
+    grad_y = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE)
+    flops = 18 * tokens * hidden * inter  # 3 GEMMs forward, 6 backward, 2*M*N*K each
+    expected = None
+    for name, module in modules.items():
+        params = list(module.parameters())
+
+        def step(module=module, params=params):
+            for p in params:
+                p.grad = None
+            x.grad = None
+            module(x).backward(grad_y)
+
+        step()
+        step()
+        out = module(x).detach()
+        if expected is None:
+            expected = out.float()
+        err = rel_err(out, expected)
+        del out
+        for p in params:
+            p.grad = None
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        module(x).backward(grad_y)
+        torch.cuda.synchronize()
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = bench_ms(step, warmup=warmup, rep=rep)
+        rows.append(Row("swiglu_ffn_fwdbwd", name, [tokens, hidden, inter], ms, TFLOPs=flops / ms / 1e9,
+                        note=f"peak {peak_mib:,.0f} MiB above inputs; out rel err vs hf {err:.1e}",
+                        extra={"peak_MiB_over_base": round(peak_mib, 1)}))
+        log(f"  ffn {name:32s} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s  peak {peak_mib:7.0f} MiB  "
+            f"err {err:.1e}")
+        for p in params:
+            p.grad = None
+        x.grad = None
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch-configuration sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def sweep_candidates(n_cols: int):
+    from rotalabs_accel.triton_kernels.swiglu import SwiGLULaunchConfig
+
+    widest = 1 << max(0, (n_cols - 1).bit_length())
+    out = []
+    for block_n in (256, 512, 1024, 2048, 4096):
+        if block_n > max(widest, 256):
+            continue
+        for elements in (2048, 4096, 8192, 16384):
+            if elements < block_n:
+                continue
+            for warps in (2, 4, 8, 16):
+                if 8 <= elements // (32 * warps) <= 64:
+                    out.append(SwiGLULaunchConfig(elements // block_n, block_n, warps))
+    return out
+
+
+def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) -> list[str]:
+    from dataclasses import replace
+
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    summary = []
+    for m, n in shapes:
+        gate = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+        up = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+        grad = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+        out, dgate, dup = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+
+        def forward(config, gate=gate, up=up, out=out):
+            k.swiglu_forward(gate, up, out, config=config)
+
+        def backward(config, grad=grad, gate=gate, up=up, dgate=dgate, dup=dup):
+            k.swiglu_backward(grad, gate, up, dgate, dup, config=config)
+
+        kinds = {"fwd": (3, k.forward_config(m, n), forward), "bwd": (5, k.backward_config(m, n), backward)}
+        for kind, (passes, default, launch) in kinds.items():
+            nbytes = passes * m * n * ELT
+            results: dict = {}
+
+            def measure(config, launch=launch, results=results, nbytes=nbytes, kind=kind, shape=(m, n)):
+                if config not in results:
+                    ms = bench_ms(lambda: launch(config), warmup=warmup, rep=rep)
+                    results[config] = ms
+                    rows.append(Row(f"sweep_{kind}", "rotalabs", list(shape), ms, gbps(nbytes, ms),
+                                    pct_of_ceiling=100 * gbps(nbytes, ms) / ceiling, note=str(config)))
+                return results[config]
+
+            t0 = time.time()
+            measure(default)
+            for config in sweep_candidates(n):
+                measure(config)
+            top = sorted(results, key=results.get)[:3]
+            for config in top:  # second stage: cache hint and persistent grids around the best tiles
+                measure(replace(config, evict_first=not config.evict_first))
+                for per_sm in (2, 4, 8):
+                    measure(replace(config, programs_per_sm=per_sm))
+            ranked = sorted(results, key=results.get)
+            log(f"  sweep {kind} {m}x{n}: {len(results)} configs in {time.time() - t0:.0f} s")
+            for config in ranked[:5]:
+                ms = results[config]
+                log(f"    {ms:8.4f} ms {gbps(nbytes, ms):7.0f} GB/s  {config}")
+            best, d_ms = ranked[0], results[default]
+            line = (f"sweep {kind} {m}x{n}: best {gbps(nbytes, results[best]):,.0f} GB/s with {best}; "
+                    f"default {gbps(nbytes, d_ms):,.0f} GB/s with {default}")
+            log("  " + line)
+            summary.append(line)
+        del gate, up, grad, out, dgate, dup
+        torch.cuda.empty_cache()
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------------
+
+
+def target_notes(rows: list[Row]) -> list[str]:
+    notes = []
+    by = {(r.op, r.impl, tuple(r.shape)): r for r in rows}
+    for (op, impl, shape), r in sorted(by.items()):
+        if impl != "rotalabs" or op not in ("swiglu_fwd", "swiglu_fwdbwd"):
+            continue
+        target = TARGET_FWD_GBPS if op == "swiglu_fwd" else TARGET_FWDBWD_GBPS
+        peers = {i: by[(op, i, shape)].GBps for (o, i, s) in by if o == op and s == shape
+                 and not i.startswith("rotalabs")}
+        best_peer = max(peers.items(), key=lambda kv: kv[1]) if peers else None
+        status = "met" if r.GBps >= target else f"MISSED by {100 * (1 - r.GBps / target):.1f}%"
+        ahead = ""
+        if best_peer:
+            lead = 100 * (r.GBps / best_peer[1] - 1)
+            ahead = (f"; best peer {best_peer[0]} {best_peer[1]:,.0f} GB/s "
+                     f"({'ahead' if lead > 0 else 'BEHIND'} by {lead:+.1f}%)")
+        notes.append(f"target {op} {shape[0]}x{shape[1]}: {r.GBps:,.0f} GB/s vs {target:,} -> "
+                     f"{status}{ahead}")
+    ffn = {r.impl: r for r in rows if r.op == "swiglu_ffn_fwdbwd"}
+    hf = ffn.get("hf LlamaMLP")
+    liger = ffn.get("liger LigerSwiGLUMLP")
+    for name in ("rotalabs SwiGLU", "rotalabs SwiGLU fused_gate_up"):
+        ours = ffn.get(name)
+        if ours is None or hf is None:
+            continue
+        speedup = hf.ms / ours.ms
+        line = (f"target FFN {name}: {ours.ms:.3f} ms, {speedup:.3f}x vs hf LlamaMLP "
+                f"({'met' if speedup >= TARGET_FFN_SPEEDUP_VS_HF else 'MISSED'} {TARGET_FFN_SPEEDUP_VS_HF}x)")
+        if liger is not None:
+            mem_ours, mem_liger = ours.extra["peak_MiB_over_base"], liger.extra["peak_MiB_over_base"]
+            faster = "faster" if ours.ms < liger.ms else "SLOWER"
+            line += (f"; vs Liger {liger.ms / ours.ms:.3f}x ({faster}), "
+                     f"peak {mem_ours:,.0f} vs {mem_liger:,.0f} MiB "
+                     f"({'met' if mem_ours <= mem_liger else 'MISSED'})")
+        notes.append(line)
+    return notes
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench_swiglu.py needs a CUDA GPU")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="directory for the result files")
+    parser.add_argument("--quick", action="store_true", help="small shapes and short timings")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep launch configurations of our kernels")
+    parser.add_argument("--only", default=None, help="comma-separated parts to run: act, ffn, sweep")
+    args = parser.parse_args()
+    require_cuda()
+    parts = set(args.only.split(",")) if args.only else {"act", "ffn"} | ({"sweep"} if args.sweep else set())
+    unknown = parts - {"act", "ffn", "sweep"}
+    if unknown:
+        sys.exit(f"--only: unknown parts {sorted(unknown)} (use act, ffn, sweep)")
+    act_shapes = QUICK_ACT_SHAPES if args.quick else ACT_SHAPES
+    ffn_shape = QUICK_FFN_SHAPE if args.quick else FFN_SHAPE
+    warmup, rep = (10, 30) if args.quick else (50, 200)
+
+    torch.manual_seed(0)
+    rows: list[Row] = []
+    notes = [
+        "Bytes: activation forward 3 x M x N x 2 B, forward+backward 8 x M x N x 2 B (minimum traffic).",
+        "Forward+backward calls torch.autograd.grad (fresh gradients, no accumulation into .grad).",
+        "FFN peak memory: max_memory_allocated after reset minus memory_allocated before the step; x, grad_y "
+        "and weights pre-exist; the output and every gradient count. TFLOP/s counts 9 GEMMs of 2*M*H*I.",
+    ]
+    t0 = time.time()
+    copy_gbps, copy_ms = copy_ceiling_gbps()
+    ceilings = {"copy_GBps": copy_gbps}
+    log(f"{torch.cuda.get_device_name()}: copy ceiling {copy_gbps:,.0f} GB/s")
+    if "act" in parts:
+        log("activation:")
+        bench_activation(act_shapes, rows, notes, copy_gbps, warmup, rep)
+    if "ffn" in parts:
+        log("feed-forward block:")
+        bench_ffn(ffn_shape, rows, notes, warmup, rep)
+    if "sweep" in parts:
+        log("sweep:")
+        notes += bench_sweep(act_shapes, rows, copy_gbps, 10, 50)
+    notes += target_notes(rows)
+    for line in notes:
+        log("  " + line)
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    name = f"swiglu-{gpu_slug()}-{date}" + ("-quick" if args.quick else "")
+    if args.only:
+        name += "-" + "-".join(sorted(parts))
+    path = write_results(name, rows, ceilings, notes, out_dir=args.out)
+    log(f"wrote {path} and {path.with_suffix('.md')} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Shared benchmark machinery: timing, ceilings, environment and result files.
+
+Every benchmark script times this library beside its peers in ONE process on ONE device, with
+``triton.testing.do_bench`` (CUDA events, median of many runs), and writes a JSON + Markdown file under
+``benchmarks/results/`` carrying the device, versions, date and the command that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    shape: list
+    ms: float
+    GBps: float | None = None
+    TFLOPs: float | None = None
+    pct_of_ceiling: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def bench_ms(fn: Callable[[], object], warmup: int = 50, rep: int = 200) -> float:
+    """Median milliseconds of ``fn`` measured with CUDA events."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def copy_ceiling_gbps(nbytes: int = 2 * 1024**3) -> tuple[float, float]:
+    """Device-to-device copy rate (bytes read + written per second, in GB/s) and its time in ms."""
+    n = nbytes // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * n * 2 / ms / 1e6, ms
+
+
+def gemm_ceiling_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = bench_ms(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def environment() -> dict:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    try:
+        from importlib.metadata import version
+
+        env["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        env["liger_kernel"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = props.name
+        env["sm_count"] = props.multi_processor_count
+        env["cuda"] = torch.version.cuda
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+        except Exception:
+            env["driver"] = None
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except Exception:
+        env["git_commit"] = None
+    return env
+
+
+def write_results(name: str, rows: list[Row], ceilings: dict, notes: list[str] | None = None,
+                  out_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` and ``<name>.md``; returns the JSON path."""
+    out_dir = Path(out_dir or os.environ.get("ROTALABS_BENCH_OUT", RESULTS_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    payload = {"env": env, "ceilings": ceilings, "rows": [asdict(r) for r in rows], "notes": notes or []}
+    jpath = out_dir / f"{name}.json"
+    jpath.write_text(json.dumps(payload, indent=1))
+    (out_dir / f"{name}.md").write_text(markdown_table(payload))
+    return jpath
+
+
+def markdown_table(payload: dict) -> str:
+    env, ceil = payload["env"], payload["ceilings"]
+    lines = [
+        f"Device: {env.get('gpu', 'cpu')} · torch {env['torch']} · Triton {env.get('triton')} · "
+        f"liger-kernel {env.get('liger_kernel')} · {env['date']} · commit {env.get('git_commit')}",
+        "",
+        f"Command: `{env['command']}`",
+        "",
+        "Ceilings measured in the same run: "
+        + ", ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in ceil.items()),
+        "",
+        "| op | impl | shape | ms | GB/s | TFLOP/s | % of ceiling | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        gb = f"{r['GBps']:,.0f}" if r.get("GBps") else ""
+        tf = f"{r['TFLOPs']:,.1f}" if r.get("TFLOPs") else ""
+        pct = f"{r['pct_of_ceiling']:.0f}%" if r.get("pct_of_ceiling") else ""
+        shape = "x".join(str(s) for s in r["shape"])
+        cells = [r["op"], r["impl"], shape, f"{r['ms']:.4f}", gb, tf, pct, r["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if payload.get("notes"):
+        lines += ["", *[f"- {n}" for n in payload["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def try_liger():
+    """Return the ``liger_kernel`` module when installed, else ``None``."""
+    try:
+        import liger_kernel  # noqa: F401
+
+        return liger_kernel
+    except Exception:
+        return None

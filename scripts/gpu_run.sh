@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run the GPU test suite and the benchmarks on a CUDA machine, from the repository root.
+#   OUT=/path bash scripts/gpu_run.sh [tests] [bench] [sweep]      (default: tests bench)
+# Wheels of peers (liger-kernel) found in .whl/ are installed to /tmp/site first. Results (JSON + MD per
+# benchmark) and logs go to $OUT; BENCHES selects benchmarks (default: all), BENCH_ARGS adds options.
+set -u
+OUT=${OUT:-$PWD/.gpu_out}
+mkdir -p "$OUT/results"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-tests bench}
+BENCHES=${BENCHES:-rmsnorm swiglu rope int8_linear}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 - <<'PY'
+import torch, triton, sys
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+try:
+    import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))
+except Exception as e:
+    print("liger-kernel unavailable:", e)
+try:
+    import transformers; print("transformers", transformers.__version__)
+except Exception as e:
+    print("transformers unavailable:", e)
+PY
+} 2>&1 | tee "$OUT/env.txt"
+
+status=0
+for step in $steps; do
+  case $step in
+    tests)
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --timeout=120 ${TEST_PATHS:-tests} -m "not slow" \
+        >"$OUT/gpu_tests.log" 2>&1 || status=1
+      tail -n 25 "$OUT/gpu_tests.log";;
+    bench|sweep)
+      for b in $BENCHES; do
+        extra=""; [ "$step" = sweep ] && extra="--sweep"
+        echo "== bench_$b $extra"
+        timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_$b.py --out "$OUT/results" $extra ${BENCH_ARGS:-} \
+          >"$OUT/results/bench_${b}${extra:+_sweep}.log" 2>&1 || { status=1; echo "bench_$b failed"; }
+        tail -n 40 "$OUT/results/bench_${b}${extra:+_sweep}.log"
+      done;;
+  esac
+done
+tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
+exit $status

@@ -1,0 +1,99 @@
+"""Profile the host-side cost of one call of each op at a launch-bound shape (CUDA only).
+
+Prints wall-clock microseconds per call and the top functions by cumulative time under cProfile, so
+Python overhead between the call and the kernel launch can be found and removed.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+
+import rotalabs_accel as ra
+
+
+def per_call_us(fn, n=2000):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def kernel_table():
+    """Per-kernel GPU times of forward+backward at the benchmark shapes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev, bf = "cuda", torch.bfloat16
+    cases = {}
+    x = torch.randn(16384, 4096, device=dev, dtype=bf, requires_grad=True)
+    w = torch.randn(4096, device=dev, dtype=bf, requires_grad=True)
+    gy = torch.randn(16384, 4096, device=dev, dtype=bf)
+    cases["rmsnorm fwd+bwd 16384x4096"] = lambda: torch.autograd.grad(ra.rmsnorm(x, w), (x, w), gy)
+    g = torch.randn(4096, 11008, device=dev, dtype=bf, requires_grad=True)
+    u = torch.randn(4096, 11008, device=dev, dtype=bf, requires_grad=True)
+    gs = torch.randn(4096, 11008, device=dev, dtype=bf)
+    cases["swiglu fwd+bwd 4096x11008"] = lambda: torch.autograd.grad(ra.swiglu_fused(g, u), (g, u), gs)
+    q = torch.randn(4, 4096, 32, 128, device=dev, dtype=bf, requires_grad=True)
+    k = torch.randn(4, 4096, 8, 128, device=dev, dtype=bf, requires_grad=True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    cos, sin = ra.build_rope_cache(4096, 128, device=dev)
+    cases["rope fwd+bwd bshd"] = lambda: torch.autograd.grad(ra.apply_rope(q, k, cos, sin), (q, k), (gq, gk))
+    for name, fn in cases.items():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        print(f"== {name} (10 iterations)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=70))
+
+
+def main():
+    if sys.argv[1:] == ["--kernels"]:
+        kernel_table()
+        return
+    dev = "cuda"
+    x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(4096, device=dev, dtype=torch.bfloat16)
+    g = torch.randn(1, 14336, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(64, 1, 32, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(64, 1, 8, 128, device=dev, dtype=torch.bfloat16)
+    cos, sin = ra.build_rope_cache(4096, 128, device=dev)
+    pos = torch.randint(0, 4096, (64, 1), device=dev)
+    cases = {
+        "F.rms_norm": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
+        "rmsnorm": lambda: ra.rmsnorm(x, w, 1e-6),
+        "swiglu_fused": lambda: ra.swiglu_fused(g, g),
+        "apply_rope decode": lambda: ra.apply_rope(q, k, cos, sin, position_ids=pos),
+        "torch add (1 launch)": lambda: x + x,
+    }
+    which = sys.argv[1:] or list(cases)
+    for name in which:
+        fn = cases[name]
+        try:
+            us = per_call_us(fn)
+        except Exception as e:  # report and go on
+            print(f"{name}: failed {type(e).__name__}: {e}")
+            continue
+        print(f"== {name}: {us:.1f} us/call")
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(500):
+            fn()
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+
+
+if __name__ == "__main__":
+    main()

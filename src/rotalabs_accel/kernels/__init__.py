@@ -1,0 +1,1 @@
+"""The library's ``nn.Module``s, at the paths the documentation names."""

@@ -1,0 +1,313 @@
+"""Op layer for RMSNorm and fused residual-add RMSNorm.
+
+Two doors onto the same launchers (:mod:`rotalabs_accel.triton_kernels.rmsnorm`):
+
+* eager calls go through ``torch.autograd.Function`` subclasses (or straight to the launcher when no
+  gradient is needed: the cheapest path for inference);
+* ``torch.compile`` sees the ``torch.library`` custom ops ``rotalabs_accel::rmsnorm_fwd``,
+  ``rotalabs_accel::rmsnorm_bwd``, ``rotalabs_accel::add_rmsnorm_fwd`` and
+  ``rotalabs_accel::add_rmsnorm_bwd``, each with a fake (meta) implementation and, for the forward
+  ops, a registered autograd formula, so a compiled model traces them as single opaque nodes.
+
+All functions here take 2-D ``(M, N)`` tensors; the functional layer validates and flattens.
+The Triton kernel module is imported the first time a kernel is needed.
+"""
+
+# No `from __future__ import annotations`, and `Optional[...]` rather than `X | None`: torch.library
+# infers the op schemas from the annotations, and every supported torch version reads these forms.
+# ruff: noqa: UP045
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..reference.rmsnorm import rmsnorm_output_dtype
+
+__all__ = ["rmsnorm_rows", "add_rmsnorm_rows", "rmsnorm_rows_compiled", "add_rmsnorm_rows_compiled"]
+
+_kernels = None
+
+
+def _kernel_module():
+    global _kernels
+    if _kernels is None:
+        from ..triton_kernels import rmsnorm as module
+
+        _kernels = module
+    return _kernels
+
+
+def _needs_grad(
+    x: torch.Tensor, weight: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None
+) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    )
+
+
+def _out_dtype(x_dtype: torch.dtype, weight: Optional[torch.Tensor], casting_mode: str) -> torch.dtype:
+    return rmsnorm_output_dtype(x_dtype, None if weight is None else weight.dtype, casting_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager: autograd.Function
+# ---------------------------------------------------------------------------------------------
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting_mode):
+        y, _, rstd = _kernel_module().rmsnorm_forward(
+            x, weight, eps, offset, casting_mode, out_dtype=_out_dtype(x.dtype, weight, casting_mode)
+        )
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
+        ctx.casting_mode = casting_mode
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _kernel_module().rmsnorm_backward(
+            dy, x, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw=ctx.needs_input_grad[1]
+        )
+        return dx, dw, None, None, None
+
+
+class _AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, offset, casting_mode):
+        s_dtype = torch.promote_types(x.dtype, residual.dtype)
+        y, new_residual, rstd = _kernel_module().rmsnorm_forward(
+            x, weight, eps, offset, casting_mode, residual=residual,
+            out_dtype=_out_dtype(s_dtype, weight, casting_mode),
+        )
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(new_residual, weight, rstd)
+        ctx.offset = offset
+        ctx.casting_mode = casting_mode
+        ctx.x_dtype = x.dtype
+        ctx.residual_dtype = residual.dtype
+        return y, new_residual
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dnew_residual):
+        new_residual, weight, rstd = ctx.saved_tensors
+        compute_dw = ctx.needs_input_grad[2]
+        ds, dw = _add_rmsnorm_backward(
+            dy, dnew_residual, new_residual, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw
+        )
+        return ds.to(ctx.x_dtype), ds.to(ctx.residual_dtype), dw, None, None, None
+
+
+def _add_rmsnorm_backward(dy, dnew_residual, new_residual, weight, rstd, offset, casting_mode, compute_dw):
+    if dy is None:
+        # The normalized output took no part in the loss: only the residual stream's gradient flows.
+        ds = dnew_residual if dnew_residual is not None else torch.zeros_like(new_residual)
+        dw = torch.zeros_like(weight) if compute_dw and weight is not None else None
+        return ds, dw
+    return _kernel_module().rmsnorm_backward(
+        dy, new_residual, weight, rstd, offset, casting_mode, dresidual=dnew_residual, compute_dw=compute_dw
+    )
+
+
+def rmsnorm_rows(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
+) -> torch.Tensor:
+    """Eager RMSNorm of a 2-D ``(M, N)`` tensor through the Triton kernels (differentiable)."""
+    if _needs_grad(x, weight):
+        return _RMSNormFunction.apply(x, weight, eps, offset, casting_mode)
+    out_dtype = _out_dtype(x.dtype, weight, casting_mode)
+    return _kernel_module().rmsnorm_forward(
+        x, weight, eps, offset, casting_mode, out_dtype=out_dtype, store_rstd=False
+    )[0]
+
+
+def add_rmsnorm_rows(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    casting_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager fused ``x + residual`` then RMSNorm of 2-D tensors; returns ``(normed, new_residual)``."""
+    if _needs_grad(x, weight, residual):
+        return _AddRMSNormFunction.apply(x, residual, weight, eps, offset, casting_mode)
+    out_dtype = _out_dtype(torch.promote_types(x.dtype, residual.dtype), weight, casting_mode)
+    y, new_residual, _ = _kernel_module().rmsnorm_forward(
+        x, weight, eps, offset, casting_mode, residual=residual, out_dtype=out_dtype, store_rstd=False
+    )
+    return y, new_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: torch.library custom ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty_dw(x: torch.Tensor) -> torch.Tensor:
+    # Custom ops cannot return None; an empty tensor stands for "no weight gradient".
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotalabs_accel::rmsnorm_fwd", mutates_args=())
+def rmsnorm_fwd(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm forward of ``x`` ``(M, N)``; returns ``(y, rstd)`` with ``rstd`` ``(M,)`` fp32."""
+    y, _, rstd = _kernel_module().rmsnorm_forward(
+        x, weight, eps, offset, casting_mode, out_dtype=_out_dtype(x.dtype, weight, casting_mode)
+    )
+    return y, rstd
+
+
+@rmsnorm_fwd.register_fake
+def _(x, weight, eps, offset, casting_mode):
+    m, n = x.shape
+    y = x.new_empty((m, n), dtype=_out_dtype(x.dtype, weight, casting_mode))
+    return y, x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotalabs_accel::rmsnorm_bwd", mutates_args=())
+def rmsnorm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    offset: float,
+    casting_mode: str,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm backward; returns ``(dx, dw)`` (``dw`` empty when there is no weight gradient)."""
+    dx, dw = _kernel_module().rmsnorm_backward(
+        dy, x, weight, rstd, offset, casting_mode, compute_dw=compute_dw
+    )
+    return dx, (_empty_dw(x) if dw is None else dw)
+
+
+@rmsnorm_bwd.register_fake
+def _(dy, x, weight, rstd, offset, casting_mode, compute_dw):
+    dx = x.new_empty(x.shape)
+    dw = weight.new_empty(weight.shape) if (compute_dw and weight is not None) else _empty_dw(x)
+    return dx, dw
+
+
+def _rmsnorm_setup_context(ctx, inputs, output):
+    x, weight, eps, offset, casting_mode = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.offset = offset
+    ctx.casting_mode = casting_mode
+
+
+def _rmsnorm_fwd_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = torch.ops.rotalabs_accel.rmsnorm_bwd(
+        dy, x, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw
+    )
+    return dx, (dw if compute_dw else None), None, None, None
+
+
+rmsnorm_fwd.register_autograd(_rmsnorm_fwd_backward, setup_context=_rmsnorm_setup_context)
+
+
+@torch.library.custom_op("rotalabs_accel::add_rmsnorm_fwd", mutates_args=())
+def add_rmsnorm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    casting_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ``s = x + residual`` then RMSNorm(s); returns ``(y, s, rstd)``."""
+    out_dtype = _out_dtype(torch.promote_types(x.dtype, residual.dtype), weight, casting_mode)
+    return _kernel_module().rmsnorm_forward(
+        x, weight, eps, offset, casting_mode, residual=residual, out_dtype=out_dtype
+    )
+
+
+@add_rmsnorm_fwd.register_fake
+def _(x, residual, weight, eps, offset, casting_mode):
+    m, n = x.shape
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    y = x.new_empty((m, n), dtype=_out_dtype(s_dtype, weight, casting_mode))
+    return y, x.new_empty((m, n), dtype=s_dtype), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("rotalabs_accel::add_rmsnorm_bwd", mutates_args=())
+def add_rmsnorm_bwd(
+    dy: torch.Tensor,
+    dnew_residual: Optional[torch.Tensor],
+    new_residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    offset: float,
+    casting_mode: str,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused op backward; returns ``(ds, dw)``: ``ds`` is the gradient of ``x`` and of ``residual``."""
+    ds, dw = _kernel_module().rmsnorm_backward(
+        dy, new_residual, weight, rstd, offset, casting_mode, dresidual=dnew_residual, compute_dw=compute_dw
+    )
+    return ds, (_empty_dw(new_residual) if dw is None else dw)
+
+
+@add_rmsnorm_bwd.register_fake
+def _(dy, dnew_residual, new_residual, weight, rstd, offset, casting_mode, compute_dw):
+    ds = new_residual.new_empty(new_residual.shape)
+    dw = weight.new_empty(weight.shape) if (compute_dw and weight is not None) else _empty_dw(new_residual)
+    return ds, dw
+
+
+def _add_rmsnorm_setup_context(ctx, inputs, output):
+    x, residual, weight, eps, offset, casting_mode = inputs
+    _, new_residual, rstd = output
+    ctx.save_for_backward(new_residual, weight, rstd)
+    ctx.offset = offset
+    ctx.casting_mode = casting_mode
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = residual.dtype
+
+
+def _add_rmsnorm_fwd_backward(ctx, dy, dnew_residual, _drstd):
+    new_residual, weight, rstd = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[2]
+    if dy is None:
+        dy = torch.zeros_like(new_residual)
+    ds, dw = torch.ops.rotalabs_accel.add_rmsnorm_bwd(
+        dy, dnew_residual, new_residual, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw
+    )
+    return ds.to(ctx.x_dtype), ds.to(ctx.residual_dtype), (dw if compute_dw else None), None, None, None
+
+
+add_rmsnorm_fwd.register_autograd(_add_rmsnorm_fwd_backward, setup_context=_add_rmsnorm_setup_context)
+
+
+def rmsnorm_rows_compiled(
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
+) -> torch.Tensor:
+    """RMSNorm of a 2-D tensor through the custom op (what ``torch.compile`` traces)."""
+    return torch.ops.rotalabs_accel.rmsnorm_fwd(x, weight, eps, offset, casting_mode)[0]
+
+
+def add_rmsnorm_rows_compiled(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    offset: float,
+    casting_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused add + RMSNorm of 2-D tensors through the custom op; returns ``(normed, new_residual)``."""
+    op = torch.ops.rotalabs_accel.add_rmsnorm_fwd
+    y, new_residual, _ = op(x, residual, weight, eps, offset, casting_mode)
+    return y, new_residual

@@ -1,0 +1,1 @@
+"""Symmetric INT8 quantization: per-channel weights, per-token activations, and the linear layers."""

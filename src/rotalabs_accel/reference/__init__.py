@@ -1,0 +1,1 @@
+"""PyTorch reference implementations: the CPU fallback and the test oracle (one home per op)."""

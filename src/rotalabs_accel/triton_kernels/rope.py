@@ -1,0 +1,328 @@
+"""Triton kernel for rotary position embeddings: q and k rotated in one launch, forward and backward.
+
+Work split. The kernel sees q as ``(batch, seq, heads_q, head_dim)`` and k as
+``(batch, seq, heads_k, head_dim)`` with arbitrary strides except a unit stride in the last
+dimension (so both memory layouts, and q/k sliced out of a fused qkv projection, run without a
+copy). Heads of q and heads of k form one list of ``heads_q + heads_k`` heads per token. A program
+owns a block of ``BLOCK_T`` tokens and a group of ``HEADS_PER_PROGRAM`` heads of that list; it reads
+the tokens' positions and cos/sin rows once, then walks its q heads and then its k heads
+``BLOCK_H`` at a time with ``(BLOCK_T, BLOCK_H, rotary_dim / 2)`` tiles (cos/sin broadcast over the
+heads). q and k are walked in two loops rather than one tile that mixes both: selecting between
+two base pointers per element hides their alignment from the compiler and costs the 16-byte vector
+loads. Per pair of rotated features ``(x1, x2)``::
+
+    y1 = x1 * cos - x2 * sin
+    y2 = x2 * cos + x1 * sin
+
+in fp32, rounded once to the input dtype. The backward pass is the rotation by the negative angle
+(the transpose of a rotation), so it is the same kernel with ``sin`` negated (``BACKWARD``).
+
+Launch configuration is data: :class:`RopeConfig`, chosen by :func:`rope_config` from a small table
+keyed on the token count and the layout's head stride. No autotuning, so no first-call stalls.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["RopeConfig", "rope_config", "rope_forward", "SWEEP_CONFIGS"]
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, x_row, out_row, stride_h, stride_out_h, head_lo, head_hi, token_ok, cos, sin,
+    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PASS_BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr, INPLACE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Rotate heads [head_lo, head_hi) of one tensor for BLOCK_T tokens, BLOCK_H heads per tile.
+
+    Tiles are (BLOCK_T, BLOCK_H, HALF_BLOCK): x_row / out_row are (BLOCK_T,) token offsets and
+    cos / sin are (BLOCK_T, 1, HALF_BLOCK), so each token's cos/sin row serves all its heads.
+    """
+    pairs = tl.arange(0, HALF_BLOCK)
+    col1 = pairs[None, None, :]
+    col2 = (pairs + HALF)[None, None, :]
+    heads = tl.arange(0, BLOCK_H)
+    for head_start in range(head_lo, head_hi, BLOCK_H):
+        head = head_start + heads
+        mask = token_ok[:, None, None] & (head < head_hi)[None, :, None]
+        if HALF_BLOCK != HALF:
+            mask = mask & (pairs < HALF)[None, None, :]
+        # 64-bit offsets: head * stride exceeds 2**31 for long sequences in (batch, heads, seq, dim) storage
+        head64 = head.to(tl.int64)
+        src = x_ptr + (x_row[:, None, None] + (head64 * stride_h)[None, :, None])
+        if INPLACE:
+            dst = src
+        else:
+            dst = out_ptr + (out_row[:, None, None] + (head64 * stride_out_h)[None, :, None])
+        if INTERLEAVED:
+            # Load whole rows (contiguous, vectorized) and split them into (even, odd) pairs in
+            # registers, rather than two stride-2 loads.
+            cols = tl.arange(0, 2 * HALF_BLOCK)[None, None, :]
+            row_mask = token_ok[:, None, None] & (head < head_hi)[None, :, None]
+            if HALF_BLOCK != HALF:
+                row_mask = row_mask & (cols < ROTARY_DIM)
+            x = tl.load(src + cols, mask=row_mask, other=0.0)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, HALF_BLOCK, 2)))
+            x1f = x1.to(tl.float32)
+            x2f = x2.to(tl.float32)
+            y = tl.join((x1f * cos - x2f * sin).to(x.dtype), (x2f * cos + x1f * sin).to(x.dtype))
+            tl.store(dst + cols, tl.reshape(y, (BLOCK_T, BLOCK_H, 2 * HALF_BLOCK)), mask=row_mask)
+        else:
+            x1 = tl.load(src + col1, mask=mask, other=0.0)
+            x2 = tl.load(src + col2, mask=mask, other=0.0)
+            x1f = x1.to(tl.float32)
+            x2f = x2.to(tl.float32)
+            tl.store(dst + col1, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+            tl.store(dst + col2, (x2f * cos + x1f * sin).to(x2.dtype), mask=mask)
+        if PASS_BLOCK > 0:
+            if not INPLACE:
+                rest = ROTARY_DIM + tl.arange(0, PASS_BLOCK)
+                rest_ok = (rest < HEAD_DIM)[None, None, :]
+                rest_mask = token_ok[:, None, None] & (head < head_hi)[None, :, None] & rest_ok
+                x_rest = tl.load(src + rest[None, None, :], mask=rest_mask, other=0.0)
+                tl.store(dst + rest[None, None, :], x_rest, mask=rest_mask)
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _rope_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_qob, stride_qos, stride_qoh,
+    stride_kob, stride_kos, stride_koh,
+    stride_cos, stride_sin, stride_pb, stride_ps,
+    seq_len, n_tokens, heads_q, heads_total, cache_len, offset,
+    HALF: tl.constexpr,          # rotary_dim // 2: number of rotated pairs
+    HALF_BLOCK: tl.constexpr,    # next power of two >= HALF
+    ROTARY_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PASS_BLOCK: tl.constexpr,    # next power of two >= HEAD_DIM - ROTARY_DIM (0: nothing passes through)
+    INTERLEAVED: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr,
+    INPLACE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+
+    token = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = token < n_tokens
+    token = tl.where(token_ok, token, 0).to(tl.int64)
+    b = token // seq_len
+    s = token - b * seq_len
+
+    if HAS_POSITIONS:
+        pos = tl.load(pos_ptr + b * stride_pb + s * stride_ps, mask=token_ok, other=0).to(tl.int64)
+    else:
+        pos = s + offset
+    # An out-of-range position yields NaN (loud) rather than a read outside the cache.
+    pos_ok = (pos >= 0) & (pos < cache_len)
+    pos = tl.where(pos_ok, pos, 0)
+    pairs = tl.arange(0, HALF_BLOCK)
+    cs_mask = pos_ok[:, None]
+    if HALF_BLOCK != HALF:
+        cs_mask = cs_mask & (pairs < HALF)[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * stride_cos + pairs[None, :], mask=cs_mask, other=float("nan"))
+    sin = tl.load(sin_ptr + pos[:, None] * stride_sin + pairs[None, :], mask=cs_mask, other=float("nan"))
+    cos = cos.to(tl.float32)[:, None, :]
+    sin = sin.to(tl.float32)[:, None, :]
+    if BACKWARD:
+        sin = -sin
+
+    # This program's heads in the joint list [q heads..., k heads...]: its q part, then its k part.
+    head_lo = pid_h * HEADS_PER_PROGRAM
+    head_hi = tl.minimum(head_lo + HEADS_PER_PROGRAM, heads_total)
+    _rotate_heads(
+        q_ptr, q_out_ptr, b * stride_qb + s * stride_qs, b * stride_qob + s * stride_qos,
+        stride_qh, stride_qoh, head_lo, tl.minimum(head_hi, heads_q), token_ok, cos, sin,
+        HALF, HALF_BLOCK, ROTARY_DIM, HEAD_DIM, PASS_BLOCK, INTERLEAVED, INPLACE, BLOCK_T, BLOCK_H,
+    )
+    _rotate_heads(
+        k_ptr, k_out_ptr, b * stride_kb + s * stride_ks, b * stride_kob + s * stride_kos,
+        stride_kh, stride_koh, tl.maximum(head_lo, heads_q) - heads_q, head_hi - heads_q, token_ok, cos, sin,
+        HALF, HALF_BLOCK, ROTARY_DIM, HEAD_DIM, PASS_BLOCK, INTERLEAVED, INPLACE, BLOCK_T, BLOCK_H,
+    )
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """One launch configuration of the RoPE kernel.
+
+    Attributes:
+        block_t: tokens per program (a power of two).
+        block_h: heads per tile (a power of two); a tile is ``(block_t, block_h, rotary_dim / 2)``.
+        heads_per_program: heads of the joint q+k list one program walks (a multiple of ``block_h``);
+            ``0`` means all of them: one program per token block, cos/sin read once per token.
+        num_warps: warps per program; ``0`` sizes them so each thread moves 16 bytes per load.
+    """
+
+    block_t: int
+    block_h: int
+    heads_per_program: int = 0
+    num_warps: int = 0
+
+    def resolve(self, heads_total: int, half_block: int, itemsize: int) -> tuple[int, int, int]:
+        """``(heads_per_program, head_groups, num_warps)`` for a problem."""
+        hpp = self.heads_per_program or triton.cdiv(heads_total, self.block_h) * self.block_h
+        num_warps = self.num_warps
+        if num_warps == 0:
+            tile_bytes = self.block_t * self.block_h * half_block * itemsize
+            num_warps = min(8, max(1, tile_bytes // (16 * 32)))
+        return hpp, triton.cdiv(heads_total, hpp), num_warps
+
+
+# Heuristic table, first match wins: (minimum token count, storage order or None for either, config).
+# "token-major" storage is (batch, seq, heads, head_dim) in memory: a token's heads are adjacent, so a
+# program takes one token and walks all its heads (cos/sin read once per token). "head-major" storage
+# (Hugging Face's contiguous (batch, heads, seq, head_dim)) puts a head's consecutive tokens next to
+# each other, so tiles run along tokens instead. Decode-sized inputs split heads over programs so
+# every SM gets work.
+_TABLE: tuple[tuple[int, bool | None, RopeConfig], ...] = (
+    (2048, True, RopeConfig(block_t=1, block_h=8, heads_per_program=0)),
+    (2048, False, RopeConfig(block_t=16, block_h=1, heads_per_program=8)),
+    (256, None, RopeConfig(block_t=2, block_h=4, heads_per_program=8)),
+    (0, None, RopeConfig(block_t=1, block_h=8, heads_per_program=8)),
+)
+
+# Candidates the benchmark's --sweep mode times at the issue's shapes (51 configurations).
+SWEEP_CONFIGS: tuple[RopeConfig, ...] = tuple(
+    RopeConfig(bt, bh, hpp, nw)
+    for bt, bh in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 4), (8, 1), (8, 2), (16, 1), (32, 1))
+    for hpp in (0, 8)
+    for nw in (0, 4, 8)
+    if hpp == 0 or hpp % bh == 0
+)
+
+
+@functools.lru_cache(maxsize=256)
+def rope_config(n_tokens: int, heads_total: int, token_major: bool) -> RopeConfig:
+    """Pick a :class:`RopeConfig` from the table.
+
+    Args:
+        n_tokens: ``batch * seq``.
+        heads_total: ``heads_q + heads_k``.
+        token_major: whether a token's heads are closer in memory than consecutive tokens of one head
+            (``(batch, seq, heads, head_dim)`` storage) rather than the reverse.
+    """
+    for min_tokens, want_token_major, config in _TABLE:
+        if n_tokens >= min_tokens and (want_token_major is None or want_token_major == token_major):
+            return config
+    return _TABLE[-1][2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(
+    n_tokens: int,
+    heads_total: int,
+    token_major: bool,
+    rotary_dim: int,
+    head_dim: int,
+    itemsize: int,
+    interleaved: bool,
+    backward: bool,
+    has_positions: bool,
+    inplace: bool,
+    config: RopeConfig | None,
+) -> tuple[tuple[int, int], dict]:
+    """Grid and compile-time arguments for one problem (cached: decode calls repeat the same shape)."""
+    if config is None:
+        config = rope_config(n_tokens, heads_total, token_major)
+    half = rotary_dim // 2
+    half_block = triton.next_power_of_2(half)
+    hpp, groups, num_warps = config.resolve(heads_total, half_block, itemsize)
+    rest = head_dim - rotary_dim
+    meta = dict(
+        HALF=half,
+        HALF_BLOCK=half_block,
+        ROTARY_DIM=rotary_dim,
+        HEAD_DIM=head_dim,
+        PASS_BLOCK=triton.next_power_of_2(rest) if rest > 0 else 0,
+        INTERLEAVED=interleaved,
+        BACKWARD=backward,
+        HAS_POSITIONS=has_positions,
+        INPLACE=inplace,
+        BLOCK_T=config.block_t,
+        BLOCK_H=config.block_h,
+        HEADS_PER_PROGRAM=hpp,
+        num_warps=num_warps,
+    )
+    return (triton.cdiv(n_tokens, config.block_t), groups), meta
+
+
+def rope_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offset: int,
+    interleaved: bool,
+    rotary_dim: int,
+    backward: bool = False,
+    inplace: bool = False,
+    config: RopeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel once for q and k.
+
+    Args:
+        q: ``(batch, seq, heads_q, head_dim)`` view, unit stride in the last dimension.
+        k: ``(batch, seq, heads_k, head_dim)`` view, same dtype, unit stride in the last dimension.
+        cos, sin: ``(cache_len, rotary_dim // 2)`` with unit stride in the last dimension.
+        position_ids: ``None`` or a ``(batch, seq)`` integer view (broadcast strides allowed).
+        offset: first position when ``position_ids`` is ``None``.
+        interleaved: pairs ``(2j, 2j+1)`` instead of ``(j, j + rotary_dim / 2)``.
+        rotary_dim: rotated features (even, ``<= head_dim``); the rest are copied.
+        backward: rotate by the negative angle (the gradient of the forward rotation).
+        inplace: write the result into ``q`` and ``k`` (features past ``rotary_dim`` untouched).
+        config: launch configuration; default from :func:`rope_config`.
+
+    Returns:
+        ``(q_out, k_out)``: new tensors with the strides of ``q``/``k`` when those are dense
+        (``torch.empty_like``), or ``(q, k)`` themselves when ``inplace``.
+
+    No validation happens here: the functional layer checks the arguments once.
+    """
+    batch, seq, heads_q, head_dim = q.shape
+    heads_k = k.shape[2]
+    if inplace:
+        q_out, k_out = q, k
+    else:
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    n_tokens = batch * seq
+    heads_total = heads_q + heads_k
+    if n_tokens == 0 or heads_total == 0:
+        return q_out, k_out
+    sqb, sqs, sqh, _ = q.stride()
+    skb, sks, skh, _ = k.stride()
+    grid, meta = _launch_plan(
+        n_tokens, heads_total, sqh <= sqs, rotary_dim, head_dim, q.element_size(), interleaved, backward,
+        position_ids is not None, inplace, config,
+    )
+    if position_ids is None:
+        pos, stride_pb, stride_ps = q, 0, 0
+    else:
+        pos, (stride_pb, stride_ps) = position_ids, position_ids.stride()
+    sqob, sqos, sqoh, _ = q_out.stride()
+    skob, skos, skoh, _ = k_out.stride()
+    args = (
+        q, k, q_out, k_out, cos, sin, pos,
+        sqb, sqs, sqh, skb, sks, skh, sqob, sqos, sqoh, skob, skos, skoh,
+        cos.stride(0), sin.stride(0), stride_pb, stride_ps,
+        seq, n_tokens, heads_q, heads_total, cos.shape[0], offset,
+    )
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):
+            _rope_kernel[grid](*args, **meta)
+    else:
+        _rope_kernel[grid](*args, **meta)
+    return q_out, k_out

@@ -1,0 +1,127 @@
+"""Device and environment queries.
+
+Nothing here runs at import time: every function asks only when it is called, so importing
+``rotalabs_accel`` never initialises a CUDA context on a machine without (or with) a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import torch
+
+__all__ = [
+    "get_device",
+    "is_cuda_available",
+    "is_triton_available",
+    "is_triton_interpreter",
+    "get_device_properties",
+]
+
+
+def is_cuda_available() -> bool:
+    """Return ``True`` when PyTorch sees at least one CUDA device.
+
+    Example:
+        >>> from rotalabs_accel import is_cuda_available
+        >>> isinstance(is_cuda_available(), bool)
+        True
+    """
+    return torch.cuda.is_available()
+
+
+_triton_state: bool | None = None
+
+
+def _triton_importable() -> bool:
+    if "triton" in sys.modules:
+        return True
+    if torch.compiler.is_compiling():
+        # dynamo imports triton itself when it is installed, and refuses to trace importlib
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401  (importing triton does not touch the GPU driver)
+    except Exception:  # a broken install counts as absent
+        return False
+    return True
+
+
+def is_triton_available() -> bool:
+    """Return ``True`` when the ``triton`` package can be imported.
+
+    This says nothing about a GPU: with ``TRITON_INTERPRET=1`` Triton kernels run on CPU tensors
+    through Triton's interpreter.
+
+    Example:
+        >>> from rotalabs_accel import is_triton_available
+        >>> isinstance(is_triton_available(), bool)
+        True
+    """
+    global _triton_state
+    if _triton_state is None:
+        _triton_state = _triton_importable()
+    return _triton_state
+
+
+def is_triton_interpreter() -> bool:
+    """Return ``True`` when ``TRITON_INTERPRET=1`` is set (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """Resolve the device to use.
+
+    Args:
+        device: an explicit device (``"cuda:1"``, ``torch.device("cpu")``, ...). ``None`` picks the
+            current CUDA device when one exists, else the CPU.
+
+    Returns:
+        A ``torch.device``.
+
+    Example:
+        >>> from rotalabs_accel import get_device
+        >>> get_device("cpu")
+        device(type='cpu')
+    """
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def get_device_properties(device: str | torch.device | int | None = None) -> dict[str, Any]:
+    """Describe a device as a plain dictionary.
+
+    For a CUDA device: ``name``, ``compute_capability`` (tuple), ``total_memory_bytes``,
+    ``multi_processor_count``, ``l2_cache_bytes`` (when PyTorch reports it). For the CPU:
+    ``name="cpu"`` and the thread count torch uses.
+
+    Example:
+        >>> from rotalabs_accel import get_device_properties
+        >>> get_device_properties("cpu")["type"]
+        'cpu'
+    """
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    dev = get_device(device)
+    if dev.type != "cuda":
+        return {"type": dev.type, "name": dev.type, "num_threads": torch.get_num_threads()}
+    props = torch.cuda.get_device_properties(dev)
+    out: dict[str, Any] = {
+        "type": "cuda",
+        "index": dev.index if dev.index is not None else torch.cuda.current_device(),
+        "name": props.name,
+        "compute_capability": (props.major, props.minor),
+        "total_memory_bytes": props.total_memory,
+        "multi_processor_count": props.multi_processor_count,
+    }
+    l2 = getattr(props, "L2_cache_size", None)
+    if l2 is not None:
+        out["l2_cache_bytes"] = l2
+    return out

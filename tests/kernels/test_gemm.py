@@ -1,0 +1,459 @@
+"""INT8 linear: the W8A16 / W8A8 kernels (every variant forced, every M bucket) and ``Int8Linear``.
+
+Oracles: ``int8_linear_reference`` evaluated in float64 on the same int8 weights and scales (the exact
+dequantized product), and for W8A8 the exact float64 evaluation of the same quantized activations
+(the activation quantizer is bit-identical to the reference, so only the epilogue's rounding remains).
+Tolerances follow tests/helpers.py: at most 2x the error of the PyTorch reference in the same dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rotalabs_accel
+from helpers import FLOAT_DTYPES, assert_within_torch_error, kernel_devices, randn, rel_err
+from rotalabs_accel.functional import gemm as gemm_functional
+from rotalabs_accel.kernels.gemm import Int8Linear, int8_gemm
+from rotalabs_accel.reference.int8 import (
+    dequantize_weight_reference,
+    int8_linear_reference,
+    quantize_symmetric_reference,
+    quantize_weight_reference,
+    w8a8_linear_reference,
+)
+
+W8A16_KERNELS = ["gemv", "splitk", "gemm"]
+# one M per bucket of the launch tables: 1, 2-16, 17-64, 65-256, >256
+BUCKET_MS = [1, 5, 40, 100, 300]
+
+
+def _problem(m, n, k, dtype, *, group_size=None, bias=True, device="cpu"):
+    w = randn(n, k, device=device) * 0.05
+    q, s = quantize_weight_reference(w, group_size)
+    x = randn(m, k, dtype=dtype, device=device)
+    b = randn(n, dtype=dtype, device=device) if bias else None
+    return x, q, s, b
+
+
+def _check_w8a16(out, x, q, s, b, group_size=None):
+    assert out.dtype == x.dtype
+    assert out.shape == (*x.shape[:-1], q.shape[0])
+    ref64 = int8_linear_reference(x.double(), q, s, None if b is None else b.double(), group_size)
+    baseline = int8_linear_reference(x, q, s, b, group_size)
+    assert_within_torch_error(out, baseline, ref64, x.dtype)
+
+
+def _w8a8_exact64(x, q, s, b):
+    """W8A8 evaluated exactly from the reference's quantized activations (float64 throughout)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, sx = quantize_symmetric_reference(x2, dim=-1)
+    out = (xq.double() @ q.double().T) * sx.double()[:, None] * s.double()[None, :]
+    if b is not None:
+        out = out + b.double()
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# W8A16: every variant at every M bucket (the dtype rotates so each variant meets all three)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("kernel", W8A16_KERNELS + ["auto"])
+@pytest.mark.parametrize("m_index", range(len(BUCKET_MS)))
+def test_w8a16_every_kernel_every_bucket(device, kernel, m_index):
+    m = BUCKET_MS[m_index]
+    dtype = FLOAT_DTYPES[(m_index + len(kernel)) % 3]
+    x, q, s, b = _problem(m, 23, 100, dtype, bias=m_index % 2 == 0, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        out = int8_gemm(x, q, s, b, kernel=kernel, mode="w8a16")
+    _check_w8a16(out, x, q, s, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("kernel", W8A16_KERNELS)
+def test_w8a16_dtypes_even_k(device, dtype, kernel):
+    # K a multiple of every block: the unmasked main loop
+    x, q, s, b = _problem(3, 48, 128, dtype, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        out = int8_gemm(x, q, s, b, kernel=kernel)
+    _check_w8a16(out, x, q, s, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("kernel", W8A16_KERNELS)
+@pytest.mark.parametrize("group_size", [32, 48])
+def test_w8a16_group_scales(device, kernel, group_size):
+    # K = 100 leaves a ragged last group; 48 is a multiple of 16 but not a power of two
+    dtype = torch.bfloat16 if group_size == 32 else torch.float16
+    x, q, s, b = _problem(6, 37, 100, dtype, group_size=group_size, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        out = int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel)
+    _check_w8a16(out, x, q, s, b, group_size)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize(
+    "kernel, config, group_size",
+    [
+        ("gemv", dict(block_m=1, block_n=8, block_k=16, split_k=4), None),
+        ("gemv", dict(block_m=1, block_n=8, block_k=16, split_k=3), 32),
+        ("gemv", dict(block_m=4, block_n=8, block_k=32, split_k=2), 16),
+        ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=5, swap_ab=False), None),
+        ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=3, swap_ab=True), 32),
+        ("gemm", dict(block_m=16, block_n=16, block_k=32, group_m=2, swap_ab=False), None),
+        ("gemm", dict(block_m=16, block_n=32, block_k=16, group_m=3, swap_ab=True), 48),
+    ],
+)
+def test_w8a16_explicit_configs(device, kernel, config, group_size):
+    """Splits with an uneven last share, both MMA orientations, grouped tile order, group scales."""
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+    from rotalabs_accel.triton_kernels.int8_gemm import w8a16_linear
+
+    cfg = GemvConfig(**config) if kernel == "gemv" else DotConfig(**config)
+    m = 5 if kernel == "gemv" else 33  # GEMV programs are one row-block x 8 columns: keep the grid small
+    x, q, s, b = _problem(m, 37, 96, torch.float16, group_size=group_size, device=device)
+    out = w8a16_linear(x, q, s, b, group_size, kernel, cfg)
+    _check_w8a16(out, x, q, s, b, group_size)
+    # deterministic: split-K partial sums are reduced in a fixed order, without atomics
+    assert torch.equal(out, w8a16_linear(x, q, s, b, group_size, kernel, cfg))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+def test_w8a16_strided_and_batched_inputs(device):
+    x, q, s, b = _problem(4, 40, 100, torch.bfloat16, device=device)
+    wide = randn(2, 3, 160, dtype=torch.bfloat16, device=device)
+    x3 = wide[..., 30:130]  # rows with a stride > K, batched: no copy needed for the kernels
+    xt = randn(100, 5, dtype=torch.bfloat16, device=device).T  # K not contiguous: copied once
+    with rotalabs_accel.use_backend("triton"):
+        out3 = int8_gemm(x3, q, s, b, kernel="gemv")
+        outt = int8_gemm(xt, q, s, b, kernel="splitk")
+        out1 = int8_gemm(x[0], q, s, b, kernel="gemv")  # a single row without a batch dimension
+    _check_w8a16(out3, x3, q, s, b)
+    _check_w8a16(outt, xt, q, s, b)
+    _check_w8a16(out1, x[0], q, s, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+def test_empty_rows_return_empty(device):
+    x, q, s, b = _problem(4, 40, 100, torch.float16, device=device)
+    empty = x[:0].reshape(0, 0, 100).requires_grad_()
+    with rotalabs_accel.use_backend("triton"):
+        for kernel in ("auto", "gemv", "w8a8"):
+            out = int8_gemm(empty, q, s, b, kernel=kernel)
+            assert out.shape == (0, 0, 40) and out.dtype == torch.float16
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients with respect to x and the bias (the int8 weight is frozen)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("kernel, dtype", [("gemv", torch.float32), ("splitk", torch.bfloat16),
+                                           ("gemm", torch.float16), ("w8a8", torch.bfloat16)])
+def test_gradients(device, kernel, dtype):
+    group_size = 32 if kernel == "splitk" else None
+    x, q, s, b = _problem(5, 40, 96, dtype, group_size=group_size, device=device)
+    x.requires_grad_()
+    b.requires_grad_()
+    dy = randn(5, 40, dtype=dtype, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel).backward(dy)
+    w64 = dequantize_weight_reference(q, s, group_size, dtype=torch.float64)
+    # what a user gets from autograd on the eager dequantized product in the same dtype
+    xb = x.detach().clone().requires_grad_()
+    F.linear(xb, dequantize_weight_reference(q, s, group_size, dtype=dtype)).backward(dy)
+    assert x.grad.dtype == dtype and b.grad.dtype == dtype
+    assert_within_torch_error(x.grad, xb.grad, dy.double() @ w64, dtype, what="dx")
+    assert_within_torch_error(b.grad, dy.sum(0), dy.double().sum(0), dtype, what="dbias")
+
+
+def test_gradients_torch_backend_match_kernel_path():
+    """The CPU fallback's gradients (autograd through the reference) equal the kernel path's formula."""
+    x, q, s, b = _problem(3, 24, 64, torch.float32)
+    x.requires_grad_()
+    dy = randn(3, 24)
+    with rotalabs_accel.use_backend("torch"):
+        int8_gemm(x, q, s, b, mode="w8a8").backward(dy)
+    torch.testing.assert_close(x.grad, dy @ dequantize_weight_reference(q, s))
+
+
+# --------------------------------------------------------------------------------------------------
+# W8A8 dynamic
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m", [1, 20, 300])
+def test_w8a8_kernel(device, dtype, m):
+    x, q, s, b = _problem(m, 40, 100, dtype, bias=m != 20, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        out = int8_gemm(x, q, s, b, mode="w8a8")
+    assert out.dtype == dtype
+    exact = _w8a8_exact64(x, q, s, b)
+    assert_within_torch_error(out, w8a8_linear_reference(x, q, s, b), exact, dtype)
+    # and W8A8 stays a good approximation of the unquantized-activation product
+    ref64 = int8_linear_reference(x.double(), q, s, None if b is None else b.double())
+    assert rel_err(out, ref64) < 0.02
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_activation_quantizer_is_bit_identical(device, dtype):
+    from rotalabs_accel.triton_kernels.int8_gemm import quantize_rows
+
+    x = randn(64, 300, dtype=dtype, device=device) * 3
+    x[3] = 0  # an all-zero token: tiny scale, zeros, no NaN
+    x[5, 7] = 1e4  # an outlier
+    for rows in (x, randn(3, 5000, dtype=dtype, device=device)):  # one pass, and two passes over K
+        q, sx = quantize_rows(rows)
+        q_ref, s_ref = quantize_symmetric_reference(rows, dim=-1)
+        assert torch.equal(q, q_ref)
+        assert torch.equal(sx, s_ref)
+    assert not q.isnan().any()
+
+
+def test_auto_mode_is_weight_only_by_default():
+    assert gemm_functional.W8A8_AUTO_MIN_TOKENS is None
+    x, q, s, b = _problem(2000, 8, 32, torch.float32)
+    with rotalabs_accel.use_backend("torch"):
+        assert torch.equal(int8_gemm(x, q, s, b), int8_gemm(x, q, s, b, mode="w8a16"))
+
+
+@pytest.mark.parametrize("rows", [63, 64])
+def test_auto_mode_switches_to_w8a8_when_enabled(rows, monkeypatch):
+    monkeypatch.setattr(gemm_functional, "W8A8_AUTO_MIN_TOKENS", 64)
+    x, q, s, b = _problem(rows, 8, 32, torch.float32)
+    with rotalabs_accel.use_backend("torch"):
+        out = int8_gemm(x, q, s, b)
+        w8a16 = int8_gemm(x, q, s, b, mode="w8a16")
+        w8a8 = int8_gemm(x, q, s, b, mode="w8a8")
+        qg, sg = quantize_weight_reference(randn(8, 32), 16)
+        grouped = int8_gemm(x, qg, sg, group_size=16)  # group scales stay weight-only
+    expected = w8a8 if rows >= 64 else w8a16
+    assert torch.equal(out, expected)
+    assert not torch.equal(w8a8, w8a16)
+    assert torch.equal(grouped, int8_linear_reference(x, qg, sg, None, 16))
+
+
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
+    x, q, s, b = _problem(3, 8, 32, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = int8_gemm(x, q, s, b)
+        linear_dtype = F.linear(x, torch.randn(8, 32)).dtype
+    assert out.dtype == linear_dtype == torch.bfloat16
+    # the reference inside ran with autocast off: the same result as a bf16 call outside autocast
+    assert torch.equal(out, int8_gemm(x.bfloat16(), q, s, b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, q, s, b = _problem(2, 8, 32, torch.float32)
+    cases = [
+        ((x.long(), q, s), {}, TypeError, "x must be a floating-point"),
+        ((x, q.float(), s), {}, TypeError, "weight_int8 must be an int8"),
+        ((x, q[None], s), {}, ValueError, "weight_int8 must be 2-D"),
+        ((x[:, :31], q, s), {}, ValueError, "last dimension must equal weight_int8.shape"),
+        ((x, q, s.int()), {}, TypeError, "scale must be a floating-point"),
+        ((x, q, s[:4]), {}, ValueError, "scale must have shape"),
+        ((x, q, s[:, None].expand(8, 2)), {}, ValueError, "needs group_size"),
+        ((x, q, s), {"group_size": 16}, ValueError, r"scale must have shape \[8, 2\]"),
+        ((x, q, s), {"group_size": 0}, ValueError, "group_size must be a positive int"),
+        ((x, q, s, b[:3]), {}, ValueError, "bias must have shape"),
+        ((x, q, s, b.long()), {}, TypeError, "bias must be a floating-point"),
+        ((x, q, s), {"mode": "int4"}, ValueError, "mode must be one of"),
+        ((x, q, s), {"kernel": "cutlass"}, ValueError, "kernel must be one of"),
+        ((x, q, s), {"mode": "w8a16", "kernel": "w8a8"}, ValueError, "contradicts"),
+        ((x, q, s), {"mode": "w8a8", "kernel": "gemv"}, ValueError, "contradicts"),
+        ((x, q, s.new_ones(8, 2)), {"group_size": 16, "mode": "w8a8"}, ValueError, "per-channel"),
+        ((x.to("meta"), q, s), {}, ValueError, "must be on one device"),
+    ]
+    for args, kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            int8_gemm(*args, **kwargs)
+
+
+def test_forced_triton_without_kernel_says_why():
+    x, q, s, b = _problem(2, 8, 32, torch.float64)
+    with rotalabs_accel.use_backend("triton"), pytest.raises((NotImplementedError, RuntimeError)):
+        int8_gemm(x, q, s, b)
+    with rotalabs_accel.use_backend("auto"):  # auto falls back to the reference quietly
+        _check_w8a16(int8_gemm(x, q, s, b), x, q, s, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Int8Linear
+# --------------------------------------------------------------------------------------------------
+
+
+def test_int8_linear_spec_example_and_dtypes():
+    torch.manual_seed(0)
+    layer = Int8Linear(in_features=64, out_features=32, bias=False)
+    assert layer.bias is None
+    w = randn(32, 64) * 0.1
+    assert layer.quantize_weights(w) is layer
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.shape == (32, 64)
+    assert layer.scale.dtype == torch.float32 and layer.scale.shape == (32,)
+    for dtype in FLOAT_DTYPES:
+        x = randn(2, 5, 64, dtype=dtype)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (2, 5, 32)
+        assert rel_err(y, x.double() @ w.double().T) < 0.02
+
+
+def test_int8_linear_forward_before_quantization_raises():
+    with pytest.raises(RuntimeError, match="quantize_weights"):
+        Int8Linear(16, 8)(torch.randn(2, 16))
+
+
+def test_int8_linear_quantize_weights_validation():
+    layer = Int8Linear(16, 8)
+    with pytest.raises(ValueError, match=r"\[out_features, in_features\] = \[8, 16\]"):
+        layer.quantize_weights(torch.randn(16, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer.quantize_weights(torch.ones(8, 16, dtype=torch.int8))
+    bad = torch.randn(8, 16)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer.quantize_weights(bad)
+    with pytest.raises(ValueError, match="in_features"):
+        Int8Linear(-1, 8)
+    with pytest.raises(ValueError, match="group_size"):
+        Int8Linear(16, 8, group_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        Int8Linear(16, 8, mode="int4")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+def test_int8_linear_kernel_path_matches_reference(device):
+    layer = Int8Linear(100, 40, bias=True, group_size=32, device=device, dtype=torch.bfloat16)
+    layer.quantize_weights(randn(40, 100, device=device) * 0.05)
+    with torch.no_grad():
+        layer.bias.copy_(randn(40, dtype=torch.bfloat16))
+    x = randn(3, 100, dtype=torch.bfloat16, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        out = layer(x)
+    with rotalabs_accel.use_backend("torch"):
+        ref = layer(x)
+    _check_w8a16(out, x, layer.weight_int8, layer.scale, layer.bias.detach(), 32)
+    assert rel_err(out, ref) < 2**-7
+
+
+def test_int8_linear_dtype_moves_keep_fp32_scales():
+    layer = Int8Linear(32, 8, bias=True)
+    layer.quantize_weights(torch.randn(8, 32))
+    scale = layer.scale.clone()
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale)
+    layer.half()
+    assert layer.bias.dtype == torch.float16 and torch.equal(layer.scale, scale)
+    assert layer.weight_int8.dtype == torch.int8
+    layer.to("meta")
+    assert layer.scale.device.type == "meta" and layer.scale.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the benchmark's shapes, CUDA graphs, a second device
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("m", [1, 16, 128, 4096])
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_issue_shapes_every_kernel(n, k, m, group_size, dtype):
+    x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
+    ref64 = int8_linear_reference(x.double(), q, s, b.double(), group_size)
+    baseline = int8_linear_reference(x, q, s, b, group_size)
+    kernels = ["auto", "gemv", "splitk", "gemm"] if m <= 128 else ["auto", "splitk", "gemm"]
+    if group_size is None:
+        kernels.append("w8a8")
+    for kernel in kernels:
+        out = int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel)
+        if kernel == "w8a8":
+            exact = _w8a8_exact64(x, q, s, b)
+            assert_within_torch_error(out, w8a8_linear_reference(x, q, s, b), exact, dtype, what=kernel)
+        else:
+            assert_within_torch_error(out, baseline, ref64, dtype, what=kernel)
+            assert torch.equal(out, int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_gpu_dtypes_and_odd_shapes(dtype):
+    for m, n, k in [(1, 4099, 1000), (7, 333, 4100), (130, 1000, 777), (1500, 515, 2048)]:
+        for group_size in (None, 64):
+            x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
+            for kernel in ("auto", "gemv", "splitk", "gemm"):
+                out = int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel)
+                _check_w8a16(out, x, q, s, b, group_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_activation_quantizer_bit_identical():
+    from rotalabs_accel.triton_kernels.int8_gemm import quantize_rows
+
+    for k in (4096, 14336, 333):
+        x = randn(257, k, dtype=torch.bfloat16, device="cuda") * 4
+        x[0] = 0
+        q, sx = quantize_rows(x)
+        q_ref, s_ref = quantize_symmetric_reference(x, dim=-1)
+        assert torch.equal(q, q_ref) and torch.equal(sx, s_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_capture():
+    layer = Int8Linear(4096, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
+    layer.quantize_weights(torch.randn(4096, 4096, device="cuda") * 0.02)
+    for m in (1, 16, 2048):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm up (compiles) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn_like(x))
+        expected = layer(x)
+        graph.replay()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device():
+    x, q, s, b = _problem(16, 1000, 512, torch.bfloat16, device="cuda:1")
+    for kernel in ("gemv", "splitk", "gemm", "w8a8"):
+        out = int8_gemm(x, q, s, b, kernel=kernel)
+        assert out.device == x.device
+        expected = int8_gemm(x.cpu(), q.cpu(), s.cpu(), b.cpu(), kernel=kernel)
+        assert rel_err(out, expected) < 2**-7

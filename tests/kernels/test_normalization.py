@@ -1,0 +1,717 @@
+"""RMSNorm and fused residual-add RMSNorm: kernels (interpreter on CPU, real on CUDA), module, functional.
+
+Oracle: the float64 reference (``rotalabs_accel.reference.rmsnorm``) on the same inputs. Baseline:
+the same reference run in the inputs' dtype with PyTorch autograd, i.e. what Hugging Face's
+``LlamaRMSNorm`` / ``GemmaRMSNorm`` compute for a user without this library.
+
+Tolerance (tests/helpers.py): ``err(ours) <= FACTOR * err(baseline) + unit_roundoff / 2``.
+
+=========  ======  ===========  ===============================================================
+dtype      FACTOR  floor        why
+=========  ======  ===========  ===============================================================
+float16    2       2.4e-4       both accumulate the sum of squares in fp32; the error is the final
+                                rounding(s) to fp16 (two in llama mode: the normalized value, then
+                                the product with the weight), identical in number for both
+bfloat16   2       2.0e-3       as float16, at bfloat16's coarser unit roundoff
+float32    4       3.0e-8       all error is a few fp32 roundings (mean, sqrt, division, product):
+                                ~1e-7 for both, but the GPU's reduction order and approximate
+                                division differ from PyTorch's, so allow a few ulps more
+=========  ======  ===========  ===============================================================
+
+A wrong index, a missing term (e.g. dropping the ``- n * mean(u * n)`` term of dx), or a wrong
+scale produces relative errors of 1e-2..1, far above every bound.
+
+Triton's interpreter converts float32 to bfloat16 by truncation where the GPU rounds to nearest even;
+the ``_bf16_round_to_nearest`` fixture makes the interpreter round as the hardware does, so the
+CPU run checks the GPU's numerics.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rotalabs_accel
+from helpers import (
+    FLOAT_DTYPES,
+    assert_within_torch_error,
+    cuda_available,
+    interpreter_enabled,
+    kernel_devices,
+    randn,
+)
+from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused
+from rotalabs_accel.functional.normalization import _rows
+from rotalabs_accel.reference.rmsnorm import add_rmsnorm_reference, rmsnorm_output_dtype, rmsnorm_reference
+
+FACTOR = {torch.float32: 4.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _bf16_round_to_nearest(monkeypatch):
+    """Make the interpreter's float32 -> bfloat16 conversion round to nearest even, as the GPU does."""
+    if cuda_available() or not interpreter_enabled():
+        return
+    triton = pytest.importorskip("triton")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == triton.language.float32 and dst_type.scalar == triton.language.bfloat16:
+            arr = np.asarray(src.data, dtype=np.float32)
+            bits = torch.from_numpy(arr.reshape(-1).copy()).to(torch.bfloat16).view(torch.int16).numpy()
+            return interpreter.TensorHandle(bits.view(np.uint16).reshape(arr.shape), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaf(shape, dtype, device, pad):
+    """A fresh random leaf; with ``pad`` the op sees a row-strided slice of a wider tensor."""
+    wide = randn(*shape[:-1], shape[-1] + pad, dtype=dtype, device=device)
+    return wide.requires_grad_()
+
+
+def _view(leaf, n, pad):
+    return leaf[..., :n] if pad else leaf
+
+
+def _weight(n, dtype, offset, device):
+    # offset + w ~ N(1, 0.5): a realistic, non-trivial scale.
+    return (randn(n, device=device) * 0.5 + 1.0 - offset).to(dtype).requires_grad_()
+
+
+def _run(fn, tensors, dtype_map=None):
+    """Clone ``tensors`` (converted by ``dtype_map``) as fresh leaves and return (leaves, outputs)."""
+    leaves = [
+        None if t is None else t.detach().to(dtype_map or t.dtype).clone().requires_grad_() for t in tensors
+    ]
+    return leaves, fn(*leaves)
+
+
+def _check_norm(device, dtype, shape, mode, offset=0.0, weight_dtype=None, pad=0, use_weight=True):
+    n = shape[-1]
+    x = _leaf(shape, dtype, device, pad)
+    w = _weight(n, weight_dtype or dtype, offset, device) if use_weight else None
+    out_dtype = rmsnorm_output_dtype(dtype, None if w is None else w.dtype, mode)
+    grad = randn(*shape, dtype=out_dtype, device=device)
+
+    def ours(xl, wl):
+        with rotalabs_accel.use_backend("triton"):
+            return rmsnorm(_view(xl, n, pad), wl, EPS, offset=offset, casting_mode=mode)
+
+    def reference(xl, wl):
+        return rmsnorm_reference(_view(xl, n, pad), wl, EPS, offset=offset, casting_mode=mode)
+
+    (xo, wo), yo = _run(ours, [x, w])
+    (xb, wb), yb = _run(reference, [x, w])
+    (xr, wr), yr = _run(reference, [x, w], torch.float64)
+    assert yo.dtype == yb.dtype == out_dtype and yo.shape == tuple(shape)
+    factor = FACTOR[dtype]
+    assert_within_torch_error(yo, yb, yr, dtype, "output", factor)
+    yo.backward(grad)
+    yb.backward(grad)
+    yr.backward(grad.to(torch.float64))
+    assert xo.grad.dtype == dtype
+    assert_within_torch_error(xo.grad, xb.grad, xr.grad, dtype, "grad x", factor)
+    if pad:
+        assert torch.all(xo.grad[..., n:] == 0)
+    if w is not None:
+        assert wo.grad.dtype == w.dtype
+        assert_within_torch_error(wo.grad, wb.grad, wr.grad, dtype, "grad weight", factor)
+
+
+def _check_fused(device, dtype, shape, mode, offset=0.0, weight_dtype=None, residual_dtype=None, pad=0):
+    n = shape[-1]
+    x = _leaf(shape, dtype, device, pad)
+    r = _leaf(shape, residual_dtype or dtype, device, 0)
+    w = _weight(n, weight_dtype or dtype, offset, device)
+    s_dtype = torch.promote_types(x.dtype, r.dtype)
+    out_dtype = rmsnorm_output_dtype(s_dtype, w.dtype, mode)
+    grad_y = randn(*shape, dtype=out_dtype, device=device)
+    grad_s = randn(*shape, dtype=s_dtype, device=device)
+
+    def ours(xl, rl, wl):
+        with rotalabs_accel.use_backend("triton"):
+            return rmsnorm_residual_fused(_view(xl, n, pad), rl, wl, EPS, offset=offset, casting_mode=mode)
+
+    def reference(xl, rl, wl):
+        return add_rmsnorm_reference(_view(xl, n, pad), rl, wl, EPS, offset=offset, casting_mode=mode)
+
+    leaves_o, (yo, so) = _run(ours, [x, r, w])
+    leaves_b, (yb, sb) = _run(reference, [x, r, w])
+    leaves_r, (yr, sr) = _run(reference, [x, r, w], torch.float64)
+    assert yo.dtype == out_dtype and so.dtype == s_dtype and yo.shape == so.shape == tuple(shape)
+    factor = FACTOR[dtype]
+    assert_within_torch_error(yo, yb, yr, dtype, "normed", factor)
+    assert_within_torch_error(so, sb, sr, dtype, "new_residual", factor)
+    (yo.float() * grad_y.float()).sum().add((so.float() * grad_s.float()).sum()).backward()
+    (yb.float() * grad_y.float()).sum().add((sb.float() * grad_s.float()).sum()).backward()
+    (yr * grad_y.double()).sum().add((sr * grad_s.double()).sum()).backward()
+    for name, lo, lb, lr in zip(("x", "residual", "weight"), leaves_o, leaves_b, leaves_r):
+        assert lo.grad.dtype == lo.dtype
+        assert_within_torch_error(lo.grad, lb.grad, lr.grad, dtype, f"grad {name}", factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels through the functional API (interpreter on CPU, real kernels on CUDA)
+# ---------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["llama", "gemma", "none"])
+def test_rmsnorm_kernel_forward_backward(device, dtype, mode):
+    # Odd hidden size (masked tail), three leading dims, strided rows, a Gemma-style offset in gemma mode.
+    _check_norm(device, dtype, (2, 3, 67), mode, offset=1.0 if mode == "gemma" else 0.0, pad=5)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rmsnorm_kernel_fp32_weight_low_precision_input(device, dtype):
+    # Llama checkpoints often keep the norm weight in fp32: the output is then fp32, as in Hugging Face.
+    _check_norm(device, dtype, (5, 40), "llama", offset=0.5, weight_dtype=torch.float32)
+    _check_norm(device, dtype, (5, 40), "gemma", weight_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (1, 300), (33, 16)], ids=str)
+def test_rmsnorm_kernel_odd_shapes(device, shape):
+    _check_norm(device, torch.bfloat16, shape, "llama")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("mode", ["llama", "gemma", "none"])
+def test_rmsnorm_kernel_without_weight(device, mode):
+    _check_norm(device, torch.float16, (4, 50), mode, use_weight=False)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["llama", "gemma"])
+def test_fused_kernel_forward_backward(device, dtype, mode):
+    _check_fused(device, dtype, (2, 3, 45), mode, offset=1.0 if mode == "gemma" else 0.0, pad=3)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fused_kernel_mixed_dtypes(device):
+    # bf16 sublayer output into an fp32 residual stream: the sum and the norm run in fp32.
+    fp32 = torch.float32
+    _check_fused(device, torch.bfloat16, (4, 24), "none", weight_dtype=fp32, residual_dtype=fp32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fused_kernel_only_one_output_used(device):
+    x = randn(3, 20, dtype=torch.float32, device=device, scale=2.0)
+    r = randn(3, 20, dtype=torch.float32, device=device)
+    w = _weight(20, torch.float32, 0.0, device)
+    for which in (0, 1):
+        xo, ro, wo = (t.detach().clone().requires_grad_() for t in (x, r, w))
+        xr, rr, wr = (t.detach().double().requires_grad_() for t in (x, r, w))
+        with rotalabs_accel.use_backend("triton"):
+            ours = rmsnorm_residual_fused(xo, ro, wo)[which]
+        ref = add_rmsnorm_reference(xr, rr, wr)[which]
+        ours.sum().backward()
+        ref.sum().backward()
+        for lo, lr in ((xo, xr), (ro, rr), (wo, wr)):
+            # The reference leaves the weight's gradient None when only new_residual is used; ours is 0.
+            expected = torch.zeros_like(lo.grad, dtype=torch.float64) if lr.grad is None else lr.grad
+            torch.testing.assert_close(lo.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_kernel_empty_rows(device):
+    w = _weight(16, torch.float16, 0.0, device)
+    for shape in [(0, 16), (2, 0, 16)]:
+        x = randn(*shape, dtype=torch.float16, device=device).requires_grad_()
+        with rotalabs_accel.use_backend("triton"):
+            y = rmsnorm(x, w)
+            normed, new_residual = rmsnorm_residual_fused(x, x.detach(), w)
+        assert y.shape == normed.shape == new_residual.shape == shape
+        (y.sum() + normed.sum()).backward()
+        assert x.grad.shape == shape
+        assert torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_kernel_expanded_grad_and_non_mergeable_dims(device):
+    # .sum() hands backward an expanded (stride 0) gradient; a transposed input cannot be viewed as rows.
+    x = randn(6, 4, 32, device=device).transpose(0, 1).requires_grad_()
+    w = _weight(32, torch.float32, 0.0, device)
+    with rotalabs_accel.use_backend("triton"):
+        y = rmsnorm(x, w)
+    y.sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rmsnorm_reference(xr, wr).sum().backward()
+    torch.testing.assert_close(y.double(), rmsnorm_reference(xr, wr), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_kernel_eps_none_and_large_eps(device):
+    x = randn(3, 8, device=device, scale=1e-2)
+    with rotalabs_accel.use_backend("triton"):
+        for eps in (None, 0.5):
+            resolved = torch.finfo(torch.float32).eps if eps is None else eps
+            expected = rmsnorm_reference(x.double(), None, resolved)
+            torch.testing.assert_close(rmsnorm(x, None, eps).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_are_viewed_not_copied():
+    wide = torch.randn(4, 5, 80)
+    x = wide[..., :64]
+    rows = _rows(x)
+    assert rows.shape == (20, 64) and rows.data_ptr() == x.data_ptr() and rows.stride() == (80, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every launch strategy, forced (the heuristic picks only one per shape)
+# ---------------------------------------------------------------------------------------------
+
+
+def _forced_configs():
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    config = k.RMSNormConfig
+    # Small blocks so that every loop runs several times at 9 x 100 (4 "SMs" under the interpreter).
+    fwd = [
+        config("tile", 128, 4, block_m=4, programs_per_sm=1),
+        config("tile", 128, 4, block_m=2, programs_per_sm=1, prefetch=True),
+        config("chunked", 32, 4, programs_per_sm=1),
+        config("chunked", 32, 4, programs_per_sm=1, prefetch=True),
+        config("split", 32, 4),
+        config("split", 16, 4, split_n=48),
+    ]
+    bwd = [
+        config("tile", 128, 4, block_m=2, programs_per_sm=1),
+        config("tile", 128, 4, block_m=1, programs_per_sm=1, prefetch=True),
+        config("split", 32, 4),
+    ]
+    return k, fwd, bwd
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_strategy(device, residual):
+    k, fwd, bwd = _forced_configs()
+    m, n, mode, offset = 9, 100, "llama", 0.25
+    dtype = torch.bfloat16
+    x = randn(m, n + 7, dtype=dtype, device=device)[:, :n]
+    r = randn(m, n, dtype=dtype, device=device) if residual else None
+    w = _weight(n, dtype, offset, device).detach()
+    s64 = x.double() + (r.double() if residual else 0)
+    ref = rmsnorm_reference(s64, w.double(), EPS, offset=offset, casting_mode=mode)
+    s_low = (x + r) if residual else x
+    base = rmsnorm_reference(s_low, w, EPS, offset=offset, casting_mode=mode)
+    for cfg in fwd:
+        y, s, rstd = k.rmsnorm_forward(x, w, EPS, offset, mode, residual=r, config=cfg)
+        assert_within_torch_error(y, base, ref, dtype, f"forward {cfg}")
+        expected_rstd = torch.rsqrt(s_low.double().pow(2).mean(-1) + EPS)
+        torch.testing.assert_close(rstd.double(), expected_rstd, rtol=1e-5, atol=0)
+        if residual:
+            assert torch.equal(s, x + r)
+        # Inference skips the rstd store: same outputs.
+        y2, s2, rstd2 = k.rmsnorm_forward(x, w, EPS, offset, mode, residual=r, store_rstd=False, config=cfg)
+        assert rstd2 is None and torch.equal(y2, y) and (not residual or torch.equal(s2, s))
+    # Backward from the low-precision input the forward saw; dresidual exercises the fused path.
+    x64 = s_low.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    grad = randn(m, n, dtype=dtype, device=device)
+    dres = randn(m, n, dtype=dtype, device=device) if residual else None
+    rmsnorm_reference(x64, w64, EPS, offset=offset, casting_mode=mode).backward(grad.double())
+    xb, wb = s_low.detach().clone().requires_grad_(), w.clone().requires_grad_()
+    rmsnorm_reference(xb, wb, EPS, offset=offset, casting_mode=mode).backward(grad)
+    dx_ref = x64.grad + (dres.double() if residual else 0)
+    dx_base = xb.grad + (dres if residual else 0)
+    _, _, rstd = k.rmsnorm_forward(s_low, w, EPS, offset, mode)
+    for cfg in bwd:
+        dx, dw = k.rmsnorm_backward(grad, s_low, w, rstd, offset, mode, dresidual=dres, config=cfg)
+        assert_within_torch_error(dx, dx_base, dx_ref, dtype, f"dx {cfg}")
+        assert_within_torch_error(dw, wb.grad, w64.grad, dtype, f"dw {cfg}")
+        _, dw_none = k.rmsnorm_backward(grad, s_low, w, rstd, offset, mode, compute_dw=False, config=cfg)
+        assert dw_none is None
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_weight_gradient_is_deterministic(device):
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    x = randn(40, 64, dtype=torch.bfloat16, device=device)
+    w = _weight(64, torch.float32, 0.0, device).detach()
+    grad = randn(40, 64, dtype=torch.float32, device=device)
+    _, _, rstd = k.rmsnorm_forward(x, w, EPS, 0.0, "llama")
+    first = k.rmsnorm_backward(grad, x, w, rstd, 0.0, "llama")[1]
+    again = k.rmsnorm_backward(grad, x, w, rstd, 0.0, "llama")[1]
+    assert torch.equal(first, again)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cpu_default_runs_reference():
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with rotalabs_accel.use_backend("auto"):
+        y = rmsnorm(x, w, offset=0.5, casting_mode="gemma")
+    assert torch.equal(y, rmsnorm_reference(x, w, offset=0.5, casting_mode="gemma"))
+    normed, new_residual = rmsnorm_residual_fused(x, x, w)
+    assert torch.equal(new_residual, x + x) and torch.equal(normed, rmsnorm_reference(x + x, w))
+
+
+def test_float64_has_no_kernel():
+    x, w = torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    assert torch.equal(rmsnorm(x, w), rmsnorm_reference(x, w))
+    if rotalabs_accel.is_triton_available():
+        with rotalabs_accel.use_backend("triton"), pytest.raises(NotImplementedError, match="float64"):
+            rmsnorm(x)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: rmsnorm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (lambda: rmsnorm(torch.ones(2, 4), [1.0] * 4), TypeError, "weight must be a torch.Tensor"),
+        (lambda: rmsnorm(torch.ones(2, 4, dtype=torch.int32)), TypeError, "x must have a floating-point"),
+        (lambda: rmsnorm(torch.tensor(1.0)), ValueError, "at least one dimension"),
+        (lambda: rmsnorm(torch.ones(2, 4), torch.ones(5)), ValueError, r"shape \(4,\).*got \(5,\)"),
+        (lambda: rmsnorm(torch.ones(2, 4), torch.ones(4, 1)), ValueError, "weight must have shape"),
+        (lambda: rmsnorm(torch.ones(2, 4), torch.ones(4, dtype=torch.int64)), TypeError, "weight must have"),
+        (lambda: rmsnorm(torch.ones(2, 4), torch.ones(4), casting_mode="fp32"), ValueError, "casting_mode"),
+        (lambda: rmsnorm(torch.ones(2, 4), offset=1.0), ValueError, "weight is None"),
+        (lambda: rmsnorm(torch.ones(2, 4), torch.ones(4, device="meta")), ValueError, "one device"),
+        (lambda: rmsnorm_residual_fused(torch.ones(2, 4), torch.ones(3, 4)), ValueError, "residual must"),
+        (lambda: rmsnorm_residual_fused(torch.ones(2, 4), None), TypeError, "residual must be a torch"),
+        (lambda: TritonRMSNorm((4, 4)), ValueError, "hidden_size must be one int"),
+        (lambda: TritonRMSNorm(4, casting_mode="x"), ValueError, "casting_mode"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+def test_module_is_a_torch_rmsnorm_with_the_same_state_dict():
+    norm = TritonRMSNorm(32)
+    assert isinstance(norm, torch.nn.RMSNorm)
+    assert list(norm.state_dict()) == ["weight"] and torch.equal(norm.weight, torch.ones(32))
+    source = torch.nn.RMSNorm(32)
+    with torch.no_grad():
+        source.weight.normal_()
+    norm.load_state_dict(source.state_dict())
+    assert torch.equal(norm.weight, source.weight)
+    # A fresh Gemma-style module scales by one.
+    assert torch.equal(TritonRMSNorm(8, offset=1.0).weight, torch.zeros(8))
+    assert "casting_mode='llama'" in repr(norm)
+
+
+def test_module_forward_matches_functional_and_fused_path():
+    norm = TritonRMSNorm(24, eps=1e-5, offset=0.5, casting_mode="gemma")
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, r = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
+    assert torch.equal(norm(x), rmsnorm_reference(x, norm.weight, 1e-5, offset=0.5, casting_mode="gemma"))
+    normed, new_residual = norm(x, r)
+    assert torch.equal(new_residual, x + r)
+    assert torch.equal(normed, rmsnorm_reference(x + r, norm.weight, 1e-5, offset=0.5, casting_mode="gemma"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_from_torch_rmsnorm(dtype):
+    for eps in (None, 1e-5):
+        source = torch.nn.RMSNorm(40, eps=eps, dtype=dtype)
+        with torch.no_grad():
+            source.weight.normal_()
+        norm = TritonRMSNorm.from_module(source)
+        assert norm.eps == eps and norm.casting_mode == "gemma" and norm.weight.dtype == dtype
+        x = randn(3, 40, dtype=dtype)
+        torch.testing.assert_close(norm(x), source(x))
+    no_affine = TritonRMSNorm.from_module(torch.nn.RMSNorm(8, elementwise_affine=False))
+    assert no_affine.weight is None
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(no_affine(x), torch.nn.RMSNorm(8, elementwise_affine=False)(x))
+    with pytest.raises(ValueError, match="last dimension"):
+        TritonRMSNorm.from_module(torch.nn.RMSNorm((4, 8)))
+    ours = TritonRMSNorm(8, eps=1e-4, offset=1.0, casting_mode="none")
+    copy = TritonRMSNorm.from_module(ours)
+    assert (copy.eps, copy.offset, copy.casting_mode) == (1e-4, 1.0, "none")
+    assert copy.weight is not ours.weight
+
+
+def _hf(module_path, name):
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    import importlib
+
+    return getattr(importlib.import_module(module_path), name)
+
+
+@pytest.mark.parametrize(
+    "module_path, name, kwargs, offset, mode",
+    [
+        ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", {}, 0.0, "llama"),
+        ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", {}, 1.0, "gemma"),
+        ("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextRMSNorm", {}, 1.0, "gemma"),
+        ("transformers.models.gemma3n.modeling_gemma3n", "Gemma3nRMSNorm", {}, 0.0, "gemma"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_from_hugging_face_module(module_path, name, kwargs, offset, mode, dtype):
+    cls = _hf(module_path, name)
+    source = cls(48, eps=1e-5, **kwargs).to(dtype)
+    with torch.no_grad():
+        source.weight.normal_()
+    norm = TritonRMSNorm.from_module(source)
+    assert (norm.offset, norm.casting_mode, norm.eps) == (offset, mode, 1e-5)
+    assert norm.weight.dtype == dtype and torch.equal(norm.weight, source.weight)
+    x = randn(2, 5, 48, dtype=dtype)
+    expected = source(x)
+    assert norm(x).dtype == expected.dtype
+    torch.testing.assert_close(norm(x), expected)
+    # And the state_dict goes both ways.
+    fresh = TritonRMSNorm(48, offset=offset, casting_mode=mode, dtype=dtype)
+    fresh.load_state_dict(source.state_dict())
+    source.load_state_dict(fresh.state_dict())
+
+
+def test_from_weightless_hugging_face_module():
+    cls = _hf("transformers.models.gemma3n.modeling_gemma3n", "Gemma3nRMSNorm")
+    source = cls(16, eps=1e-6, with_scale=False)
+    source.dim = 16  # the module keeps no record of its size without a weight
+    norm = TritonRMSNorm.from_module(source)
+    assert norm.weight is None and norm.offset == 0.0
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(norm(x), source(x))
+    with pytest.raises(ValueError, match="no weight and no hidden_size"):
+        TritonRMSNorm.from_module(cls(16, with_scale=False))
+
+
+def test_from_module_keeps_requires_grad_and_rejects_non_norms():
+    source = _hf("transformers.models.llama.modeling_llama", "LlamaRMSNorm")(8)
+    source.weight.requires_grad_(False)
+    assert not TritonRMSNorm.from_module(source).weight.requires_grad
+    with pytest.raises(ValueError, match="must be 1-D"):
+        TritonRMSNorm.from_module(torch.nn.Linear(8, 8))
+    bare = torch.nn.Module()
+    bare.weight = torch.nn.Parameter(torch.ones(8))
+    with pytest.raises(ValueError, match="neither a variance_epsilon nor an eps"):
+        TritonRMSNorm.from_module(bare)
+
+
+def test_spec_example_runs_on_cpu():
+    norm_pytorch = torch.nn.RMSNorm(64)
+    norm_triton = TritonRMSNorm(64)
+    x = torch.randn(2, 16, 64)
+    torch.testing.assert_close(norm_triton(x), norm_pytorch(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the issue's sizes, every tuned configuration, devices, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "shape", [(4096, 4096), (1000, 8192), (257, 40000), (3, 262144), (150, 131072)], ids=str
+)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_large_shapes(shape, dtype):
+    _check_norm("cuda", dtype, shape, "llama", pad=64)
+    _check_fused("cuda", dtype, shape, "gemma", offset=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("shape", [(1024, 4096), (512, 8192), (300, 65536)], ids=str)
+def test_gpu_every_candidate_config(direction, shape):
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    m, n = shape
+    dtype = torch.bfloat16
+    x = randn(m, n, dtype=dtype, device="cuda")
+    w = _weight(n, dtype, 0.0, "cuda").detach()
+    ref = rmsnorm_reference(x.double(), w.double(), EPS)
+    base = rmsnorm_reference(x, w, EPS)
+    grad = randn(m, n, dtype=dtype, device="cuda")
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    rmsnorm_reference(x64, w64, EPS).backward(grad.double())
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    rmsnorm_reference(xb, wb, EPS).backward(grad)
+    _, _, rstd = k.rmsnorm_forward(x, w, EPS, 0.0, "llama")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    compiled = set()
+    for cfg in k.candidate_configs(direction, m, n, 2, sms):
+        variant = (cfg.strategy, cfg.block_n, cfg.num_warps, cfg.block_m, cfg.prefetch)
+        if variant in compiled:
+            continue  # the grid size alone does not change the kernel
+        compiled.add(variant)
+        if direction == "fwd":
+            y, _, _ = k.rmsnorm_forward(x, w, EPS, 0.0, "llama", config=cfg)
+            assert_within_torch_error(y, base, ref, dtype, f"forward {cfg}")
+        else:
+            dx, dw = k.rmsnorm_backward(grad, x, w, rstd, 0.0, "llama", config=cfg)
+            assert_within_torch_error(dx, xb.grad, x64.grad, dtype, f"dx {cfg}")
+            assert_within_torch_error(dw, wb.grad, w64.grad, dtype, f"dw {cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_weight_gradient_bitwise_deterministic():
+    norm = TritonRMSNorm(4096, device="cuda", dtype=torch.bfloat16)
+    x = randn(8192, 4096, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    grad = randn(8192, 4096, dtype=torch.bfloat16, device="cuda")
+    grads = []
+    for _ in range(3):
+        norm.weight.grad = None
+        norm(x).backward(grad)
+        grads.append(norm.weight.grad.clone())
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_second_device():
+    torch.cuda.set_device(0)
+    norm = TritonRMSNorm(1024, device="cuda:1", dtype=torch.bfloat16)
+    x = randn(64, 1024, dtype=torch.bfloat16, device="cuda:1").requires_grad_()
+    y = norm(x)
+    y.float().sum().backward()
+    assert torch.cuda.current_device() == 0 and y.device == x.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(y, rmsnorm_reference(x.detach(), norm.weight.detach()), rtol=0.02, atol=0.02)
+    normed, _ = norm(x.detach(), x.detach())
+    expected = rmsnorm_reference(2 * x.detach(), norm.weight.detach())
+    torch.testing.assert_close(normed, expected, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_capture():
+    norm = TritonRMSNorm(2048, device="cuda", dtype=torch.bfloat16)
+    x = randn(256, 2048, dtype=torch.bfloat16, device="cuda")
+    r = randn(256, 2048, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # warm up (compiles) outside the capture
+            norm(x)
+            norm(x, r)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        y = norm(x)
+        normed, new_residual = norm(x, r)
+    x.copy_(randn(256, 2048, dtype=torch.bfloat16, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        assert torch.equal(y, norm(x))
+        assert torch.equal(normed, norm(x, r)[0]) and torch.equal(new_residual, x + r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_hidden_sizes_without_cliff():
+    # Every size from tiny to past the register-tile limit, including non powers of two.
+    for n in [1, 7, 96, 1000, 3000, 5120, 12288, 16385, 20000, 32769, 70000]:
+        m = max(1, min(256, 2**22 // n))
+        _check_norm("cuda", torch.bfloat16, (m, n), "llama")
+
+
+def test_launch_cache_key_separates_every_specialization():
+    # The direct-launch cache may reuse a compiled kernel only for arguments Triton would specialize
+    # identically: tensor dtype and 16-byte alignment, integers equal to 1, divisible by 16, or wide.
+    k = pytest.importorskip("rotalabs_accel.triton_kernels._launch")
+    base = torch.empty(64, dtype=torch.bfloat16)
+    keys = {
+        k.arg_key((base, 4096)),
+        k.arg_key((base[1:], 4096)),  # 2-byte offset: not 16-byte aligned
+        k.arg_key((base[4:], 4096)),  # 8-byte offset: finer than Triton's classes, still apart
+        k.arg_key((base.float(), 4096)),
+        k.arg_key((base, 1)),
+        k.arg_key((base, 17)),
+        k.arg_key((base, 2**31)),
+    }
+    assert len(keys) == 7
+    # ... and the same key for arguments that specialize alike.
+    assert k.arg_key((base, 4096)) == k.arg_key((base[8:], 8192))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_direct_launch_respects_alignment_and_sizes():
+    # Alternate inputs that Triton specializes differently; each must get its own compiled kernel.
+    wide = randn(64, 4096 + 8, dtype=torch.bfloat16, device="cuda")
+    w = _weight(4096, torch.bfloat16, 0.0, "cuda").detach()
+    for _ in range(2):
+        for x in (wide[:, :4096], wide[:, 1:4097], wide[:1, 3:4099], wide[:17, 8:4104], wide[:16, :4096]):
+            expected = rmsnorm_reference(x.double(), w.double())
+            base = rmsnorm_reference(x, w)
+            with torch.no_grad():
+                ours = rmsnorm(x, w)
+            assert_within_torch_error(ours, base, expected, torch.bfloat16, f"{x.shape} {x.stride()}")
+    # The direct launch is in use (not silently disabled by a calling-convention mismatch).
+    k = pytest.importorskip("rotalabs_accel.triton_kernels._launch")
+    assert k._direct_launch_ok and len(k._COMPILED) >= 4
+
+
+def test_direct_launch_mechanics(monkeypatch):
+    # Stand-ins for a Triton kernel on a GPU: the first call goes through `kernel[grid](...)`, later
+    # ones through the compiled kernel with the constexprs appended in signature order; a refused
+    # direct launch falls back to Triton's path for good.
+    k = pytest.importorskip("rotalabs_accel.triton_kernels._launch")
+    monkeypatch.setattr(k, "_COMPILED", {})
+    monkeypatch.setattr(k, "_direct_launch_ok", True)
+
+    class OnGpu:
+        def get_device(self):
+            return 0
+
+    class Compiled:
+        def __init__(self):
+            self.calls, self.refuse = [], False
+
+        def __getitem__(self, grid):
+            def run(*args):
+                if self.refuse:
+                    raise TypeError("launcher takes a different argument list")
+                self.calls.append((grid, args))
+
+            return run
+
+    class Kernel:
+        arg_names = ["X", "n", "A", "B"]
+
+        def __init__(self):
+            self.compiled, self.jit_calls = Compiled(), []
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.jit_calls.append((grid, args, kwargs))
+                return self.compiled
+
+            return run
+
+    kernel, x = Kernel(), OnGpu()
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    k.launch(kernel, (5, 2), (x, 32), 8, B=2, A=1)
+    assert len(kernel.jit_calls) == 1 and kernel.jit_calls[0][2] == {"B": 2, "A": 1, "num_warps": 8}
+    assert kernel.compiled.calls == [((5, 2, 1), (x, 32, 1, 2))]
+    k.launch(kernel, (4,), (x, 17), 8, B=2, A=1)  # 17 specializes differently from 16: Triton's path
+    assert len(kernel.jit_calls) == 2
+    kernel.compiled.refuse = True
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    assert not k._direct_launch_ok and len(kernel.jit_calls) == 3

@@ -1,0 +1,384 @@
+"""The RoPE Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) through apply_rope with the backend
+forced to "triton": forward and gradients against the float64 reference, every dtype, both layouts,
+strided q/k from a fused qkv tensor, GQA, partial and interleaved rotation, position_ids and offsets,
+the in-place mode, empty inputs, torch.library registration (opcheck) and torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rotalabs_accel
+from helpers import FLOAT_DTYPES, assert_within_torch_error, kernel_devices, randn
+from rotalabs_accel import apply_rope, build_rope_cache
+from rotalabs_accel.reference import rope as ref
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture(params=kernel_devices())
+def kernel_device(request):
+    return request.param
+
+
+def make_qk(b, s, hq, hk, d, dtype, device, layout, fused=False):
+    """q and k in the given layout; ``fused`` slices them out of one (b, s, hq + 2 hk, d) qkv tensor
+    (as a fused projection produces), so their batch/seq/head strides are not their own shapes'."""
+    if fused:
+        qkv = randn(b, s, hq + 2 * hk, d, dtype=dtype, device=device)
+        q, k = qkv[:, :, :hq], qkv[:, :, hq : hq + hk]
+        if layout == "bhsd":  # Hugging Face: view(b, s, h, d).transpose(1, 2)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return q, k
+    shape = (lambda h: (b, s, h, d)) if layout == "bshd" else (lambda h: (b, h, s, d))
+    return randn(*shape(hq), dtype=dtype, device=device), randn(*shape(hk), dtype=dtype, device=device)
+
+
+def check_against_reference(
+    q, k, cos_len, rotary_dim, *, layout, interleaved=False, position_ids=None, offset=0, grads=True
+):
+    """Run the kernel and compare forward (and backward) with the float64 reference; the baseline is
+    the PyTorch reference in the inputs' dtype."""
+    dtype, device = q.dtype, q.device
+    cos, sin = build_rope_cache(cos_len, rotary_dim, device=device)
+    cos64, sin64 = build_rope_cache(cos_len, rotary_dim, device=device, dtype=torch.float64)
+    kw = dict(
+        position_ids=position_ids,
+        offset=offset,
+        layout=layout,
+        interleaved=interleaved,
+        rotary_dim=rotary_dim,
+    )
+    q_in = q.detach().requires_grad_(grads)  # same strides as q (a view when q is one)
+    k_in = k.detach().requires_grad_(grads)
+    q_snapshot, k_snapshot = q.detach().clone(), k.detach().clone()
+    with rotalabs_accel.use_backend("triton"):
+        q_rot, k_rot = apply_rope(q_in, k_in, cos, sin, **kw)
+    assert q_rot.shape == q.shape and k_rot.shape == k.shape
+    assert q_rot.dtype == dtype and k_rot.dtype == dtype
+    assert torch.equal(q_in.detach(), q_snapshot) and torch.equal(k_in.detach(), k_snapshot), (
+        "inputs modified"
+    )
+
+    q64 = q.detach().double().requires_grad_(grads)
+    k64 = k.detach().double().requires_grad_(grads)
+    q_ref, k_ref = ref.apply_rope(q64, k64, cos64, sin64, **kw)
+    q_base, k_base = ref.apply_rope(q.detach(), k.detach(), cos, sin, **kw)
+    assert_within_torch_error(q_rot, q_base, q_ref, dtype, what="q_rot")
+    assert_within_torch_error(k_rot, k_base, k_ref, dtype, what="k_rot")
+    if not grads:
+        return
+    gq, gk = randn(*q.shape, dtype=dtype, device=device), randn(*k.shape, dtype=dtype, device=device)
+    torch.autograd.backward((q_rot, k_rot), (gq, gk))
+    torch.autograd.backward((q_ref, k_ref), (gq.double(), gk.double()))
+    qb = q.detach().requires_grad_()
+    kb = k.detach().requires_grad_()
+    torch.autograd.backward(ref.apply_rope(qb, kb, cos, sin, **kw), (gq, gk))
+    assert_within_torch_error(q_in.grad, qb.grad, q64.grad, dtype, what="dq")
+    assert_within_torch_error(k_in.grad, kb.grad, k64.grad, dtype, what="dk")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_kernel_forward_backward_all_dtypes_layouts(kernel_device, dtype, layout, interleaved):
+    q, k = make_qk(2, 3, 4, 2, 16, dtype, kernel_device, layout)
+    pos = torch.randint(0, 24, (2, 3), device=kernel_device)
+    check_against_reference(q, k, 24, 16, layout=layout, interleaved=interleaved, position_ids=pos)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("rotary_dim", [8, 6])
+def test_kernel_fused_qkv_strides_gqa_partial(kernel_device, layout, rotary_dim):
+    # q and k are strided views of one qkv tensor; rotary_dim < head_dim (6: pairs not a power of 2)
+    q, k = make_qk(2, 3, 3, 1, 12, torch.bfloat16, kernel_device, layout, fused=True)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, 16, rotary_dim, layout=layout, offset=5)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_kernel_q_and_k_with_unrelated_strides(kernel_device, layout):
+    # q stored in the other layout's order, k padded along head_dim: every stride of q differs from k's
+    b, s, hq, hk, d = 2, 3, 3, 2, 8
+    q = randn(b, hq, s, d, device=kernel_device).transpose(1, 2)
+    k = randn(b, s, hk, d + 4, device=kernel_device)[..., :d]
+    if layout == "bhsd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    check_against_reference(q, k, 8, d, layout=layout, offset=1)
+
+
+def test_kernel_interleaved_partial_with_offset(kernel_device):
+    q, k = make_qk(1, 5, 2, 1, 10, torch.float16, kernel_device, "bshd")
+    check_against_reference(q, k, 16, 6, layout="bshd", interleaved=True, offset=7)
+
+
+def test_kernel_position_id_forms(kernel_device):
+    q, k = make_qk(2, 4, 2, 1, 8, torch.float32, kernel_device, "bhsd", fused=True)
+    cos, sin = build_rope_cache(32, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        by_offset = apply_rope(q, k, cos, sin, offset=9, layout="bhsd")
+        for pos in (
+            torch.arange(9, 13, device=kernel_device),
+            torch.arange(9, 13, device=kernel_device)[None],
+            torch.arange(9, 13, device=kernel_device, dtype=torch.int32).expand(2, 4),
+        ):
+            got = apply_rope(q, k, cos, sin, position_ids=pos, layout="bhsd")
+            assert torch.equal(got[0], by_offset[0]) and torch.equal(got[1], by_offset[1])
+    assert by_offset[0].shape == q.shape and by_offset[1].shape == k.shape
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_kernel_output_memory_layout(kernel_device, layout):
+    # dense inputs: outputs have the inputs' strides (a contiguous (b, h, s, d) q gives a contiguous
+    # q_rot); views of a fused qkv tensor: outputs are dense
+    q, k = make_qk(2, 3, 2, 1, 8, torch.float32, kernel_device, layout)
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        q_rot, k_rot = apply_rope(q, k, cos, sin, layout=layout)
+        assert q_rot.stride() == q.stride() and k_rot.stride() == k.stride()
+        qf, kf = make_qk(2, 3, 2, 1, 8, torch.float32, kernel_device, layout, fused=True)
+        q_rot, k_rot = apply_rope(qf, kf, cos, sin, layout=layout)
+    assert q_rot.is_contiguous() or q_rot.transpose(1, 2).is_contiguous()
+    assert k_rot.is_contiguous() or k_rot.transpose(1, 2).is_contiguous()
+
+
+def test_kernel_matches_torch_path_exactly_in_fp32(kernel_device):
+    # same fp32 arithmetic on both paths: agreement to a few ulps (a wrong index would be O(1))
+    q, k = make_qk(2, 3, 4, 2, 16, torch.float32, kernel_device, "bshd")
+    cos, sin = build_rope_cache(8, 16, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        got = apply_rope(q, k, cos, sin)
+    with rotalabs_accel.use_backend("torch"):
+        want = apply_rope(q, k, cos, sin)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_kernel_inplace_opt_in_with_autograd(kernel_device, layout):
+    dtype = torch.float32
+    q0, k0 = make_qk(2, 3, 2, 1, 8, dtype, kernel_device, layout)
+    pos = torch.randint(0, 16, (2, 3), device=kernel_device)
+    cos, sin = build_rope_cache(16, 8, device=kernel_device)
+    want_q, want_k = ref.apply_rope(q0, k0, cos, sin, position_ids=pos, layout=layout)
+    # leaf -> non-leaf (as q after a projection), then rotated in place
+    ql, kl = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    q, k = ql * 1.0, kl * 1.0
+    with rotalabs_accel.use_backend("triton"):
+        q_rot, k_rot = apply_rope(q, k, cos, sin, position_ids=pos, layout=layout, inplace=True)
+    assert q_rot is q and k_rot is k
+    torch.testing.assert_close(q, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, want_k, rtol=1e-6, atol=1e-6)
+    gq, gk = randn(*q.shape, device=kernel_device), randn(*k.shape, device=kernel_device)
+    torch.autograd.backward((q_rot, k_rot), (gq, gk))
+    qr, kr = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    torch.autograd.backward(ref.apply_rope(qr, kr, cos, sin, position_ids=pos, layout=layout), (gq, gk))
+    torch.testing.assert_close(ql.grad, qr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl.grad, kr.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_inplace_partial_leaves_pass_through_and_no_grad(kernel_device):
+    # fp16, not bf16: Triton's interpreter converts fp32 -> bf16 by truncation (1 ulp off the GPU's
+    # round-to-nearest), which would break the exact comparison below on CPU
+    q, k = make_qk(1, 3, 2, 2, 12, torch.float16, kernel_device, "bshd", fused=True)
+    tail_q, tail_k = q[..., 4:].clone(), k[..., 4:].clone()
+    cos, sin = build_rope_cache(8, 4, device=kernel_device)
+    want = ref.apply_rope(q, k, cos, sin, rotary_dim=4)
+    with rotalabs_accel.use_backend("triton"):
+        apply_rope(q, k, cos, sin, inplace=True)
+    assert torch.equal(q[..., 4:], tail_q) and torch.equal(k[..., 4:], tail_k)
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 2, 8), (2, 0, 2, 8)])
+def test_kernel_empty_inputs(kernel_device, shape):
+    q = torch.empty(shape, device=kernel_device)
+    cos, sin = build_rope_cache(4, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        q_rot, k_rot = apply_rope(q, q[:, :, :1], cos, sin)
+    assert q_rot.shape == shape and k_rot.shape == (shape[0], shape[1], 1, 8)
+
+
+def test_kernel_out_of_range_position_gives_nan_not_garbage(kernel_device):
+    # On CUDA apply_rope cannot check positions without a device sync; the kernel makes such rows NaN.
+    from rotalabs_accel.triton_kernels.rope import rope_forward
+
+    q, k = make_qk(1, 2, 1, 1, 8, torch.float32, kernel_device, "bshd")
+    cos, sin = build_rope_cache(4, 8, device=kernel_device)
+    pos = torch.tensor([[1, 4]], device=kernel_device)
+    q_rot, k_rot = rope_forward(q, k, cos, sin, pos, 0, False, 8)
+    assert (
+        torch.isfinite(q_rot[0, 0]).all()
+        and torch.isnan(q_rot[0, 1]).all()
+        and torch.isnan(k_rot[0, 1]).all()
+    )
+
+
+def test_every_table_config_is_correct(kernel_device):
+    from rotalabs_accel.triton_kernels import rope as kernels
+
+    q, k = make_qk(2, 3, 3, 2, 8, torch.float32, kernel_device, "bshd", fused=True)
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    want = ref.apply_rope(q, k, cos, sin, offset=2)
+    configs = {entry[2] for entry in kernels._TABLE} | {kernels.RopeConfig(16, 1, 0, 1)}
+    for config in sorted(configs, key=repr):
+        got = kernels.rope_forward(q, k, cos, sin, None, 2, False, 8, config=config)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6, msg=str(config))
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6, msg=str(config))
+    assert kernels.rope_config(64, 40, True) in configs
+    assert all(c.heads_per_program % c.block_h == 0 for c in kernels.SWEEP_CONFIGS)
+
+
+def test_forced_triton_on_float64_says_why(kernel_device):
+    q, k = make_qk(1, 2, 1, 1, 8, torch.float64, kernel_device, "bshd")
+    cos, sin = build_rope_cache(4, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"), pytest.raises(NotImplementedError, match="float64"):
+        apply_rope(q, k, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration and torch.compile
+
+
+def _op_args(device, dtype=torch.float32, with_pos=True):
+    q, k = make_qk(2, 3, 2, 1, 8, dtype, device, "bshd", fused=True)
+    cos, sin = build_rope_cache(8, 6, device=device)
+    pos = torch.randint(0, 8, (2, 3), device=device) if with_pos else None
+    return q, k, cos, sin, pos, 0 if with_pos else 1, False, 6
+
+
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_opcheck_custom_ops(kernel_device, with_pos):
+    from rotalabs_accel.ops import rope as ops
+
+    args = _op_args(kernel_device, with_pos=with_pos)
+    fwd_args = (args[0].detach().requires_grad_(), args[1].detach().requires_grad_(), *args[2:])
+    torch.library.opcheck(ops.rope_fwd, fwd_args)
+    torch.library.opcheck(ops.rope_bwd, args)
+    q, k = (args[0].contiguous(), args[1].contiguous())
+    torch.library.opcheck(ops.rope_inplace_, (q, k, *args[2:]))
+
+
+@pytest.mark.compile
+def test_torch_compile_fullgraph_forward_backward(kernel_device):
+    q0, k0 = make_qk(2, 3, 2, 1, 8, torch.float32, kernel_device, "bhsd", fused=True)
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    pos = torch.randint(0, 8, (2, 3), device=kernel_device)
+
+    def attention_scores(q, k):
+        q_rot, k_rot = apply_rope(q, k, cos, sin, position_ids=pos, layout="bhsd")
+        return q_rot @ k_rot.transpose(-1, -2)
+
+    with rotalabs_accel.use_backend("triton"):
+        compiled = torch.compile(attention_scores, fullgraph=True)
+        q, k = q0.detach().requires_grad_(), k0.detach().requires_grad_()
+        out = compiled(q, k)
+        out.square().sum().backward()
+    qr, kr = q0.detach().requires_grad_(), k0.detach().requires_grad_()
+    q_ref, k_ref = ref.apply_rope(qr, kr, cos, sin, position_ids=pos, layout="bhsd")
+    want = q_ref @ k_ref.transpose(-1, -2)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.grad, qr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k.grad, kr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.compile
+def test_torch_compile_fullgraph_inplace(kernel_device):
+    q0, k0 = make_qk(1, 3, 2, 1, 8, torch.float32, kernel_device, "bshd", fused=True)
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    want = ref.apply_rope(q0, k0, cos, sin, offset=3)
+
+    def rotate_(q, k):
+        apply_rope(q, k, cos, sin, offset=3, inplace=True)
+        return q.sum() + k.sum()
+
+    with rotalabs_accel.use_backend("triton"):
+        compiled = torch.compile(rotate_, fullgraph=True, backend="aot_eager")
+        q, k = q0.clone(), k0.clone()  # contiguous copies owned by the test
+        compiled(q, k)
+    torch.testing.assert_close(q, want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, want[1], rtol=1e-6, atol=1e-6)
+
+    # with autograd: in place on non-leaf views of a fused qkv tensor, gradients flow to the source
+    def project_and_rotate(qkv):
+        qkv = qkv * 1.0
+        q, k = qkv[:, :, :2], qkv[:, :, 2:3]
+        apply_rope(q, k, cos, sin, offset=3, inplace=True)
+        return (qkv * qkv).sum()
+
+    x = randn(1, 3, 4, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        xc = x.clone().requires_grad_()
+        torch.compile(project_and_rotate, fullgraph=True, backend="aot_eager")(xc).backward()
+        xe = x.clone().requires_grad_()
+        project_and_rotate(xe).backward()
+    xr = x.clone().requires_grad_()
+    xq = xr * 1.0
+    q_ref, k_ref = ref.apply_rope(xq[:, :, :2], xq[:, :, 2:3], cos, sin, offset=3)
+    (torch.cat((q_ref, k_ref, xq[:, :, 3:]), 2).square().sum()).backward()
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xe.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.compile
+def test_torch_compile_fullgraph_module(kernel_device):
+    from rotalabs_accel import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, max_seq_len=32, layout="bhsd", device=kernel_device)
+    q, k = make_qk(2, 5, 4, 2, 16, torch.float32, kernel_device, "bhsd")
+    pos = torch.randint(0, 32, (2, 5), device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        compiled = torch.compile(rope, fullgraph=True, backend="aot_eager")
+        for kwargs in (dict(), dict(offset=3), dict(position_ids=pos, seq_len=32)):
+            got, want = compiled(q, k, **kwargs), rope(q, k, **kwargs)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), kwargs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Larger shapes, CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_large_shapes(layout, dtype, fused):
+    q, k = make_qk(2, 1024, 32, 8, 128, dtype, "cuda", layout, fused=fused)
+    pos = torch.randint(0, 4096, (2, 1024), device="cuda")
+    check_against_reference(q, k, 4096, 128, layout=layout, position_ids=pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_shape_and_partial_llama_shapes():
+    q, k = make_qk(64, 1, 32, 8, 128, torch.bfloat16, "cuda", "bshd")
+    pos = torch.randint(0, 8192, (64, 1), device="cuda")
+    check_against_reference(q, k, 8192, 128, layout="bshd", position_ids=pos)
+    q, k = make_qk(2, 333, 12, 4, 80, torch.bfloat16, "cuda", "bhsd", fused=True)
+    check_against_reference(q, k, 400, 40, layout="bhsd", offset=17, interleaved=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device():
+    q, k = make_qk(2, 64, 8, 2, 64, torch.bfloat16, "cuda:1", "bshd")
+    check_against_reference(q, k, 64, 64, layout="bshd", grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_capture_decode():
+    q, k = make_qk(8, 1, 8, 2, 64, torch.bfloat16, "cuda", "bshd")
+    cos, sin = build_rope_cache(128, 64, device="cuda")
+    pos = torch.randint(0, 128, (8, 1), device="cuda")
+    apply_rope(q, k, cos, sin, position_ids=pos)  # compile the kernel outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = apply_rope(q, k, cos, sin, position_ids=pos)
+    pos.copy_(torch.randint(0, 128, (8, 1), device="cuda"))
+    graph.replay()
+    want = apply_rope(q, k, cos, sin, position_ids=pos)  # same kernel, eager, with the new positions
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])

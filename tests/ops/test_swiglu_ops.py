@@ -1,0 +1,363 @@
+"""SwiGLU activation: Triton kernels (interpreter on CPU, real on CUDA), autograd, custom ops, compile.
+
+Oracle: the float64 reference. Baseline: what PyTorch itself computes in the same dtype,
+``F.silu(gate) * up`` and its autograd gradients.
+
+Tolerance factor per dtype (the bound is ``factor * err(PyTorch) + half a unit roundoff``):
+
+* float16 / bfloat16: 2 (the rule in tests/helpers.py). The kernel rounds once from float32 while
+  PyTorch rounds after the SiLU and again after the product, so ours is the smaller error.
+* float32: 8. Triton evaluates ``exp`` in float32 with the GPU's approximate ``ex2`` instruction
+  (a few units in the last place) where PyTorch's CUDA ``silu`` uses an accurate ``expf``; both errors
+  are around 1e-7 relative, while a wrong index or term gives 1e-1 or more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rotalabs_accel
+from helpers import FLOAT_DTYPES, assert_within_torch_error, kernel_devices, randn
+from rotalabs_accel.functional.activations import swiglu_fused
+from rotalabs_accel.reference.swiglu import swiglu_backward_reference, swiglu_reference
+
+FACTOR = {torch.float32: 8.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+SHAPES = [(1, 1), (3, 37), (2, 3, 130), (4, 300), (0, 16), (2, 0, 8)]
+
+pytestmark = pytest.mark.interpreter
+
+
+def _eager(gate, up):
+    return F.silu(gate) * up
+
+
+def _eager_grads(grad_out, gate, up):
+    """PyTorch's own gradients of ``F.silu(gate) * up`` in the inputs' dtype."""
+    gate, up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    _eager(gate, up).backward(grad_out)
+    return gate.grad, up.grad
+
+
+def _check_forward_and_grads(ours_fn, inputs, baseline_fn, ref_fn, dtype, grad_out):
+    """Run ``ours_fn`` / ``baseline_fn`` on ``inputs`` in ``dtype`` and ``ref_fn`` in float64; compare."""
+    ours_in = [t.detach().clone().requires_grad_() for t in inputs]
+    base_in = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_in = [t.detach().to(torch.float64).requires_grad_() for t in inputs]
+    ours = ours_fn(*ours_in)
+    base = baseline_fn(*base_in)
+    ref = ref_fn(*ref_in)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    assert_within_torch_error(ours, base, ref, dtype, "forward", FACTOR[dtype])
+    ours.backward(grad_out)
+    base.backward(grad_out)
+    ref.backward(grad_out.to(torch.float64))
+    for i, (o, b, r) in enumerate(zip(ours_in, base_in, ref_in)):
+        assert o.grad is not None and o.grad.dtype == dtype
+        assert_within_torch_error(o.grad, b.grad, r.grad, dtype, f"grad of input {i}", FACTOR[dtype])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_separate_gate_up(device, dtype, shape):
+    gate, up = randn(*shape, dtype=dtype, device=device), randn(*shape, dtype=dtype, device=device)
+    grad_out = randn(*shape, dtype=dtype, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        _check_forward_and_grads(swiglu_fused, [gate, up], _eager, swiglu_reference, dtype, grad_out)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_packed_gate_up(device, dtype, shape):
+    *lead, n = shape
+    gate_up = randn(*lead, 2 * n, dtype=dtype, device=device)
+    grad_out = randn(*shape, dtype=dtype, device=device)
+
+    def eager(gu):
+        return _eager(gu[..., :n], gu[..., n:])
+
+    def ref(gu):
+        return swiglu_reference(gu[..., :n], gu[..., n:])
+
+    with rotalabs_accel.use_backend("triton"):
+        _check_forward_and_grads(swiglu_fused, [gate_up], eager, ref, dtype, grad_out)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_strided_rows_are_read_in_place(device, dtype):
+    """Row-strided slices of wider buffers (and a stride-0 grad) go to the kernel without a copy."""
+    from rotalabs_accel.functional.activations import _rows
+
+    rows, n = 5, 45
+    gate_buf = randn(rows, n + 7, dtype=dtype, device=device)
+    up_buf = randn(rows, n + 20, dtype=dtype, device=device)
+    gate = gate_buf[:, 3 : 3 + n].requires_grad_()
+    up = up_buf[:, 11 : 11 + n].requires_grad_()
+    three_d = gate_buf.view(1, rows, n + 7)[..., :n]
+    for view in (gate, up, three_d):
+        flat = _rows(view)
+        assert flat.data_ptr() == view.data_ptr() and flat.stride() == (view.stride(-2), 1)
+    ref_g, ref_u = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    grad_row = randn(1, n, dtype=dtype, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        y = swiglu_fused(gate, up)
+        y.backward(grad_row.expand(rows, n))  # row stride 0
+    ref = swiglu_reference(ref_g, ref_u)
+    ref.backward(grad_row.double().expand(rows, n))
+    base_g, base_u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    base = _eager(base_g, base_u)
+    base.backward(grad_row.expand(rows, n))
+    assert_within_torch_error(y, base, ref, dtype, "forward", FACTOR[dtype])
+    assert_within_torch_error(gate.grad, base_g.grad, ref_g.grad, dtype, "grad gate", FACTOR[dtype])
+    assert_within_torch_error(up.grad, base_u.grad, ref_u.grad, dtype, "grad up", FACTOR[dtype])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_non_unit_column_stride_and_non_collapsible_leading_dims(device):
+    dtype = torch.float16
+    gate = randn(24, 6, dtype=dtype, device=device).t()  # column stride 6
+    up = randn(6, 24, dtype=dtype, device=device)
+    packed = randn(5, 3, 2 * 10, dtype=dtype, device=device).permute(1, 0, 2)  # [3, 5, 20], not viewable
+    with rotalabs_accel.use_backend("triton"):
+        y = swiglu_fused(gate, up)
+        y_packed = swiglu_fused(packed)
+    ref = swiglu_reference(gate.double(), up.double())
+    ref_packed = swiglu_reference(packed[..., :10].double(), packed[..., 10:].double())
+    assert_within_torch_error(y, _eager(gate, up), ref, dtype, "forward", FACTOR[dtype])
+    assert_within_torch_error(y_packed, _eager(packed[..., :10], packed[..., 10:]), ref_packed, dtype,
+                              "packed forward", FACTOR[dtype])
+    assert y_packed.shape == (3, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers: every kernel variant, in-place backward, heuristics
+# --------------------------------------------------------------------------------------------------
+
+
+def _configs():
+    from rotalabs_accel.triton_kernels.swiglu import SwiGLULaunchConfig
+
+    return [
+        SwiGLULaunchConfig(block_m=1, block_n=16, num_warps=1),
+        SwiGLULaunchConfig(block_m=4, block_n=32, num_warps=2, evict_first=False),
+        SwiGLULaunchConfig(block_m=2, block_n=64, num_warps=4, programs_per_sm=2),  # persistent loop
+        SwiGLULaunchConfig(block_m=8, block_n=8, num_warps=1, programs_per_sm=1),  # persistent, even
+    ]
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("shape", [(8, 64), (7, 61), (1000, 777)], ids=str)
+def test_every_launch_config_gives_identical_results(device, shape):
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    if device == "cpu" and shape[0] > 100:
+        pytest.skip("GPU only: enough tiles that the persistent grids loop on a real GPU")
+
+    gate, up, grad_out = (randn(*shape, device=device) for _ in range(3))
+    expected = k.swiglu_forward(gate, up)
+    exp_dg, exp_du, exp_h = k.swiglu_backward(grad_out, gate, up, store_h=True)
+    ref_dg, ref_du, ref_h = swiglu_backward_reference(grad_out.double(), gate.double(), up.double())
+    base_dg, base_du = _eager_grads(grad_out, gate, up)
+    f32 = torch.float32
+    assert_within_torch_error(exp_dg, base_dg, ref_dg, f32, "grad gate", FACTOR[f32])
+    assert_within_torch_error(exp_du, base_du, ref_du, f32, "grad up", FACTOR[f32])
+    assert_within_torch_error(exp_h, _eager(gate, up), ref_h, f32, "h", FACTOR[f32])
+    assert_within_torch_error(expected, _eager(gate, up), ref_h, f32, "forward", FACTOR[f32])
+    for config in _configs():
+        assert torch.equal(k.swiglu_forward(gate, up, config=config), expected), config
+        dg, du, h = k.swiglu_backward(grad_out, gate, up, store_h=True, config=config)
+        assert torch.equal(dg, exp_dg) and torch.equal(du, exp_du) and torch.equal(h, exp_h), config
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backward_in_place_matches_out_of_place(device, dtype):
+    """The feed-forward backward overwrites gate/up with their gradients and grad_out with h."""
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    gate_up = randn(6, 2 * 50, dtype=dtype, device=device)
+    grad_out = randn(6, 50, dtype=dtype, device=device)
+    gate, up = gate_up[:, :50], gate_up[:, 50:]
+    exp_dg, exp_du, exp_h = k.swiglu_backward(grad_out, gate, up, store_h=True)
+    k.swiglu_backward(grad_out, gate, up, gate, up, grad_out, store_h=True)
+    assert torch.equal(gate, exp_dg) and torch.equal(up, exp_du) and torch.equal(grad_out, exp_h)
+
+
+def test_launch_heuristics_are_well_formed():
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    for pick in (k.forward_config, k.backward_config):
+        for rows in (1, 3, 64, 4096, 16384):
+            for cols in (1, 7, 100, 256, 1000, 4096, 11008, 14336, 28672, 100000):
+                c = pick(rows, cols)
+                assert c.block_m & (c.block_m - 1) == 0 and c.block_n & (c.block_n - 1) == 0
+                assert c.block_m * c.block_n <= 8192
+                assert c.block_m <= max(1, 2 * rows)
+                tiles = -(-cols // c.block_n)
+                assert c.block_n <= k.MIN_BLOCK_N or tiles * c.block_n <= cols * (1 + k.MAX_COLUMN_WASTE)
+    # The issue's shapes tile exactly (no masked lanes).
+    for rows, cols in ((16384, 14336), (4096, 11008)):
+        for pick in (k.forward_config, k.backward_config):
+            c = pick(rows, cols)
+            assert cols % c.block_n == 0 and rows % c.block_m == 0, (rows, cols, c)
+    with pytest.raises(ValueError, match="block_n"):
+        k.SwiGLULaunchConfig(block_m=1, block_n=48, num_warps=4)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_launchers_reject_bad_operands(device):
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    gate = randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="up: expected a 2-D tensor of shape"):
+        k.swiglu_forward(gate, randn(4, 9, device=device))
+    with pytest.raises(ValueError, match="unit stride"):
+        k.swiglu_forward(gate, randn(8, 4, device=device).t())
+    with pytest.raises(TypeError, match="float64"):
+        k.swiglu_forward(gate.double(), gate.double())
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library custom ops and torch.compile
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("device", kernel_devices())
+def test_custom_ops_pass_opcheck(device):
+    import rotalabs_accel.ops.swiglu  # noqa: F401  (registers the ops)
+
+    gate = randn(3, 10, device=device, dtype=torch.bfloat16).requires_grad_()
+    up = randn(3, 10, device=device, dtype=torch.bfloat16).requires_grad_()
+    gate_up = randn(3, 20, device=device, dtype=torch.bfloat16).requires_grad_()
+    grad = randn(3, 10, device=device, dtype=torch.bfloat16)
+    ops = torch.ops.rotalabs_accel
+    torch.library.opcheck(ops.swiglu_fwd.default, (gate, up))
+    torch.library.opcheck(ops.swiglu_bwd.default, (grad, gate.detach(), up.detach()))
+    torch.library.opcheck(ops.swiglu_packed_fwd.default, (gate_up,))
+    torch.library.opcheck(ops.swiglu_packed_bwd.default, (grad, gate_up.detach()))
+    # A row-strided view goes through the op too.
+    torch.library.opcheck(ops.swiglu_fwd.default, (gate_up[:, :10], gate_up[:, 10:]))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(device, backend):
+    dtype = torch.bfloat16
+    n = 24
+
+    def block(gate, up, gate_up):
+        return swiglu_fused(gate, up) * 2.0 + swiglu_fused(gate_up)
+
+    gate, up = randn(2, 3, n, dtype=dtype, device=device), randn(2, 3, n, dtype=dtype, device=device)
+    gate_up = randn(2, 3, 2 * n, dtype=dtype, device=device)
+    grad = randn(2, 3, n, dtype=dtype, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+
+    def reference(g, u, gu):
+        return swiglu_reference(g, u) * 2.0 + swiglu_reference(gu[..., :n], gu[..., n:])
+
+    with rotalabs_accel.use_backend("triton"):
+        _check_forward_and_grads(
+            compiled, [gate, up, gate_up],
+            lambda g, u, gu: _eager(g, u) * 2.0 + _eager(gu[..., :n], gu[..., n:]),
+            reference, dtype, grad,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only: big shapes, 64-bit offsets, a second device
+# --------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(4096, 11008), (1000, 14336), (333, 4097)], ids=str)
+def test_gpu_issue_shapes(dtype, shape):
+    gate, up = randn(*shape, dtype=dtype, device="cuda"), randn(*shape, dtype=dtype, device="cuda")
+    grad_out = randn(*shape, dtype=dtype, device="cuda")
+    _check_forward_and_grads(swiglu_fused, [gate, up], _eager, swiglu_reference, dtype, grad_out)
+    m, n = shape
+    gate_up = torch.cat([gate, up], dim=-1)
+    _check_forward_and_grads(
+        swiglu_fused, [gate_up], lambda gu: _eager(gu[:, :n], gu[:, n:]),
+        lambda gu: swiglu_reference(gu[:, :n], gu[:, n:]), dtype, grad_out,
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_offsets_past_two_to_the_31():
+    """A packed [M, 2N] activation with more than 2**31 elements: row offsets must be 64-bit."""
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    n = 14336
+    rows = 2**31 // (2 * n) + 64
+    if torch.cuda.get_device_properties(0).total_memory < 3 * rows * 2 * n * 2:
+        pytest.skip("not enough GPU memory")
+    gate_up = torch.empty(rows, 2 * n, dtype=torch.bfloat16, device="cuda").normal_()
+    out = k.swiglu_forward(gate_up[:, :n], gate_up[:, n:])
+    tail = slice(rows - 128, rows)
+    ref = swiglu_reference(gate_up[tail, :n].double(), gate_up[tail, n:].double())
+    base = _eager(gate_up[tail, :n], gate_up[tail, n:])
+    assert_within_torch_error(out[tail], base, ref, torch.bfloat16, "tail rows")
+    grad = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda").normal_()
+    del out
+    dg, du, _ = k.swiglu_backward(grad, gate_up[:, :n], gate_up[:, n:])
+    ref_dg, ref_du, _ = swiglu_backward_reference(grad[tail].double(), gate_up[tail, :n].double(),
+                                                  gate_up[tail, n:].double())
+    base_dg, base_du = _eager_grads(grad[tail], gate_up[tail, :n], gate_up[tail, n:])
+    assert_within_torch_error(dg[tail], base_dg, ref_dg, torch.bfloat16, "grad gate tail")
+    assert_within_torch_error(du[tail], base_du, ref_du, torch.bfloat16, "grad up tail")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_second_device():
+    gate = randn(64, 300, dtype=torch.bfloat16, device="cuda:1").requires_grad_()
+    up = randn(64, 300, dtype=torch.bfloat16, device="cuda:1").requires_grad_()
+    y = swiglu_fused(gate, up)
+    y.sum().backward()
+    assert y.device == torch.device("cuda:1") and gate.grad.device == torch.device("cuda:1")
+    ref = swiglu_reference(gate.double(), up.double())
+    assert_within_torch_error(y, _eager(gate, up), ref, torch.bfloat16, "forward on cuda:1")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_cuda_graph_capture_and_replay():
+    """Forward and backward are capturable (no host sync, caching-allocator memory only)."""
+    gate = randn(256, 1000, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    gate_up = randn(256, 2000, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    up = randn(256, 1000, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    grad = randn(256, 1000, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        y = swiglu_fused(gate, up) + swiglu_fused(gate_up)
+        return (y, *torch.autograd.grad(y, (gate, up, gate_up), grad))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in (gate, up, gate_up):
+            t.copy_(randn(*t.shape, dtype=t.dtype, device="cuda"))
+    graph.replay()
+    expected = step()
+    for got, exp in zip(captured, expected):
+        assert torch.equal(got, exp)
