@@ -16,7 +16,8 @@ Liger-Kernel rotates in place (its inputs are overwritten on every call; rotatio
 Usage (on a CUDA machine, from the repository root):
 
     python benchmarks/bench_rope.py [--out DIR] [--quick]      # the comparison, one results file
-    python benchmarks/bench_rope.py --sweep [--out DIR]       # time launch configurations of our kernel
+    python benchmarks/bench_rope.py --sweep [--out DIR]       # the comparison, then a launch-config sweep
+    python benchmarks/bench_rope.py --sweep-only [--out DIR]  # the sweep alone
 """
 
 from __future__ import annotations
@@ -306,8 +307,8 @@ def target_notes(rows: list[Row]) -> list[str]:
 # Sweep of launch configurations
 
 
-def sweep_case(kernels, case, qv, kv, cos, sin, pos, backward, nbytes, deadline, rows):
-    """Time every candidate configuration on one problem; returns [(ms, config)] fastest first."""
+def sweep_case(kernels, case, candidates, qv, kv, cos, sin, pos, backward, nbytes, deadline, rows):
+    """Time the candidate configurations on one problem; returns [(ms, config)] fastest first."""
     n_tokens = qv.shape[0] * qv.shape[1]
     default = kernels.rope_config(n_tokens, qv.shape[2] + kv.shape[2], qv.stride(2) <= qv.stride(1))
 
@@ -318,7 +319,7 @@ def sweep_case(kernels, case, qv, kv, cos, sin, pos, backward, nbytes, deadline,
 
     want = launch(default)
     results = []
-    for config in dict.fromkeys((default, *kernels.SWEEP_CONFIGS)):
+    for config in dict.fromkeys((default, *candidates)):
         if time.perf_counter() > deadline:
             print("sweep time budget reached; stopping early", flush=True)
             break
@@ -353,7 +354,7 @@ def sweep_case(kernels, case, qv, kv, cos, sin, pos, backward, nbytes, deadline,
 def run_sweep(args) -> None:
     from rotalabs_accel.triton_kernels import rope as kernels
 
-    deadline = time.perf_counter() + 240.0  # stay inside the GPU job's time limit
+    deadline = time.perf_counter() + 300.0  # stay inside the GPU job's time limit
     cos, sin = build_rope_cache(SEQ, HEAD_DIM, device=DEVICE)
     rows: list[Row] = []
     cases = []
@@ -362,11 +363,14 @@ def run_sweep(args) -> None:
         qv, kv = (q, k) if layout == "bshd" else (q.transpose(1, 2), k.transpose(1, 2))
         nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
         # (the backward pass is this kernel with sin negated: the same configuration wins)
-        cases.append((f"fwd_{layout}", qv, kv, cos, sin, None, False, nbytes))
+        candidates = kernels.SWEEP_TOKEN_MAJOR if layout == "bshd" else kernels.SWEEP_HEAD_MAJOR
+        cases.append((f"fwd_{layout}", candidates, qv, kv, cos, sin, None, False, nbytes))
     dcos, dsin = build_rope_cache(DECODE_CACHE, HEAD_DIM, device=DEVICE)
     qd, kd = make_inputs(DECODE_BATCH, 1, "bshd")
     pos = torch.randint(0, DECODE_CACHE, (DECODE_BATCH, 1), device=DEVICE)
-    cases.append(("decode", qd, kd, dcos, dsin, pos, False, 2 * (qd.numel() + kd.numel()) * 2))
+    cases.append(
+        ("decode", kernels.SWEEP_DECODE, qd, kd, dcos, dsin, pos, False, 2 * (qd.numel() + kd.numel()) * 2)
+    )
 
     summary = []
     for case in cases:
@@ -394,16 +398,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON/Markdown results")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument(
-        "--sweep", action="store_true", help="time launch configurations of our kernel instead"
+        "--sweep", action="store_true", help="after the comparison, time launch configurations of our kernel"
     )
+    parser.add_argument("--sweep-only", action="store_true", help="time launch configurations only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_rope.py needs a CUDA device")
     torch.manual_seed(0)
-    if args.sweep:
-        run_sweep(args)
-    else:
+    if not args.sweep_only:
         run_main(args)
+    if args.sweep or args.sweep_only:
+        run_sweep(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Activation rows (bf16): ``silu(gate) * up`` at 16384x14336 and 4096x11008 for th
 it and Liger-Kernel's ``LigerSiLUMulFunction``. Bytes counted: forward 3 passes over ``M x N`` (read gate
 and up, write out), forward+backward 8 (forward, then read grad, gate, up and write two gradients).
 
+Decode-sized rows (bf16, 1x14336, forward): do_bench time and the wall time of back-to-back calls, where
+the host path (Python, launch) rather than the kernel is the cost.
+
 Feed-forward rows (bf16, 8192 tokens, hidden 4096, intermediate 14336): forward+backward time and peak
 memory above the inputs (``x``, ``grad_y`` and the weights exist before the peak counter is reset; the
 output and all gradients count) for Hugging Face ``LlamaMLP``, its ``torch.compile``, Liger-Kernel's
@@ -43,6 +46,7 @@ from rotalabs_accel import SwiGLU, swiglu_fused  # noqa: E402
 
 ACT_SHAPES = [(16384, 14336), (4096, 11008)]
 FFN_SHAPE = (8192, 4096, 14336)  # tokens, hidden, intermediate
+SMALL_SHAPE = (1, 14336)  # one decode token: launch-bound
 QUICK_ACT_SHAPES = [(2048, 4096)]
 QUICK_FFN_SHAPE = (2048, 1024, 2816)
 DTYPE = torch.bfloat16
@@ -131,6 +135,37 @@ def bench_activation(shapes, rows: list[Row], notes: list[str], ceiling: float, 
             del leaves
         del gate, up, gate_up, grad, expected
         torch.cuda.empty_cache()
+
+
+def bench_small(shape, rows: list[Row], notes: list[str], warmup: int, rep: int, calls: int) -> None:
+    """A decode-sized activation, where the host path (Python, launch) is the cost.
+
+    Two numbers per implementation: do_bench's CUDA-event time (the host time not hidden behind the
+    benchmark's cache flush shows up here) and the wall time of back-to-back calls (host-inclusive).
+    """
+    m, n = shape
+    impls = activation_impls([])
+    gate = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    up = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    gate_up = torch.cat([gate, up], dim=1)
+    fwd_bytes = 3 * m * n * ELT
+    for name, fn in impls.items():
+        args = (gate_up,) if name.endswith("packed") else (gate, up)
+        with torch.no_grad():
+            ms = bench_ms(lambda fn=fn, args=args: fn(*args), warmup=warmup, rep=rep)
+            for _ in range(20):
+                fn(*args)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(*args)
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+        rows.append(Row("swiglu_fwd_small", name, [m, n], ms, gbps(fwd_bytes, ms),
+                        note="GPU time (do_bench)"))
+        rows.append(Row("swiglu_fwd_small_wall", name, [m, n], wall_ms, gbps(fwd_bytes, wall_ms),
+                        note="host-inclusive, back-to-back calls"))
+        log(f"  fwd     {m}x{n} {name:16s} {ms * 1e3:8.1f} us (do_bench) {wall_ms * 1e3:8.1f} us (wall)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +285,11 @@ def sweep_candidates(n_cols: int):
             for warps in (2, 4, 8, 16):
                 if 8 <= elements // (32 * warps) <= 64:
                     out.append(SwiGLULaunchConfig(elements // block_n, block_n, warps))
+    # Contiguous operands tiled as one long row (no partial column tiles), as a flat pointwise kernel.
+    for elements in (1024, 2048, 4096, 8192, 16384):
+        for warps in (2, 4, 8, 16):
+            if 8 <= elements // (32 * warps) <= 32:
+                out.append(SwiGLULaunchConfig(1, elements, warps, flat=True))
     return out
 
 
@@ -289,8 +329,9 @@ def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) 
             for config in sweep_candidates(n):
                 measure(config)
             top = sorted(results, key=results.get)[:3]
-            for config in top:  # second stage: cache hint and persistent grids around the best tiles
+            for config in top:  # second stage: cache hint, flat tiling, persistent grids around the best
                 measure(replace(config, evict_first=not config.evict_first))
+                measure(replace(config, flat=not config.flat))
                 for per_sm in (2, 4, 8):
                     measure(replace(config, programs_per_sm=per_sm))
             ranked = sorted(results, key=results.get)
@@ -389,6 +430,7 @@ def main() -> None:
     if "act" in parts:
         log("activation:")
         bench_activation(act_shapes, rows, notes, copy_gbps, warmup, rep)
+        bench_small(SMALL_SHAPE, rows, notes, warmup, rep, 200 if args.quick else 2000)
     if "ffn" in parts:
         log("feed-forward block:")
         bench_ffn(ffn_shape, rows, notes, warmup, rep)

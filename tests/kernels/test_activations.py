@@ -400,7 +400,11 @@ def test_swiglu_ffn_validates_shapes():
         swiglu_ffn(x, w_g, w_u, w_d.to("meta"))
 
 
-def test_swiglu_fused_validates_arguments():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_swiglu_fused_validates_arguments(backend):
+    if backend == "triton" and not rotalabs_accel.is_triton_available():
+        pytest.skip("triton not installed")
+    rotalabs_accel.set_backend(backend)  # the fixture resets it
     g = randn(3, 8)
     with pytest.raises(ValueError, match="shape of gate"):
         swiglu_fused(g, randn(3, 9))

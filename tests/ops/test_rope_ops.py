@@ -382,3 +382,163 @@ def test_gpu_cuda_graph_capture_decode():
     graph.replay()
     want = apply_rope(q, k, cos, sin, position_ids=pos)  # same kernel, eager, with the new positions
     assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The eager host path: one node, one launch, no extra tensor ops, memoized plans, fast validation
+
+
+class _AtenLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run inside the block (views, copies, conversions, allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Replace kernel launches by a recorder (nothing runs; the outputs stay uninitialised).
+
+    Records ``(kernel, grid, args, num_warps, constexprs)`` per launch, whether it went through a
+    memoized launch site (the default configuration) or through ``launch`` (an explicit one).
+    """
+    from rotalabs_accel.ops import rope as ops
+    from rotalabs_accel.triton_kernels import rope as kernels
+
+    ops._kernel_module()
+    calls = []
+
+    class RecordingSite:
+        def __init__(self, kernel, grid, num_warps, num_stages=None, device=-1, **meta):
+            self.spec = (kernel, grid, num_warps, meta)
+
+        def __call__(self, args, key=0):
+            kernel, grid, num_warps, meta = self.spec
+            calls.append((kernel, grid, args, num_warps, meta))
+
+    monkeypatch.setattr(kernels, "KernelLaunch", RecordingSite)
+    monkeypatch.setattr(kernels, "_SITES", {})
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, num_warps, **meta: calls.append(
+        (kernel, grid, args, num_warps, meta)))
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("pos_shape", [None, (4, 1), (1, 1), (1,)])
+def test_eager_call_is_one_launch_and_two_allocations(kernel_device, recorded_launches, layout, pos_shape):
+    # Decode-shaped call: the only tensor ops are the two output allocations (no expand, no dtype
+    # conversion of the positions, no transposed views, no copies); then exactly one launch.
+    q, k = make_qk(4, 1, 4, 2, 16, torch.bfloat16, kernel_device, layout)
+    cos, sin = build_rope_cache(32, 16, device=kernel_device)
+    pos = None if pos_shape is None else torch.randint(0, 32, pos_shape, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"), _AtenLog() as log:
+        q_rot, k_rot = apply_rope(q, k, cos, sin, position_ids=pos, layout=layout)
+    if pos is not None and pos.is_cpu:
+        # CPU positions are range-checked (free there; skipped on a GPU, where it would sync)
+        log.ops = [op for op in log.ops if op not in ("min", "max", "_local_scalar_dense")]
+    assert log.ops == ["empty_like", "empty_like"]
+    assert len(recorded_launches) == 1
+    _, grid, args, _, meta = recorded_launches[0]
+    assert args[:4] == (q, k, q_rot, k_rot) and meta["HAS_POSITIONS"] is (pos is not None)
+    if pos is not None:
+        assert args[6] is pos
+        stride_pb, stride_ps = args[21:23]
+        assert stride_pb == (0 if pos.dim() == 1 or pos.shape[0] == 1 else pos.stride(0))
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_eager_autograd_graph_is_one_node(kernel_device, recorded_launches, layout):
+    q, k = make_qk(2, 3, 4, 2, 8, torch.float32, kernel_device, layout)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        q_rot, k_rot = apply_rope(q, k, cos, sin, layout=layout)
+    assert q_rot.grad_fn is k_rot.grad_fn
+    # straight to the leaves: no transpose / view nodes around the rotation
+    assert [type(f).__name__ for f, _ in q_rot.grad_fn.next_functions[:2]] == ["AccumulateGrad"] * 2
+    with _AtenLog() as log:
+        torch.autograd.grad((q_rot, k_rot), (q, k), (torch.ones_like(q_rot), torch.ones_like(k_rot)))
+    assert len(recorded_launches) == 2 and recorded_launches[1][4]["BACKWARD"] is True
+    assert log.ops.count("empty_like") == 2 and "transpose" not in log.ops and "copy_" not in log.ops
+
+
+def test_launch_sites_are_memoized(kernel_device, recorded_launches):
+    from rotalabs_accel.triton_kernels import rope as kernels
+
+    q, k = make_qk(2, 3, 4, 2, 8, torch.float32, kernel_device, "bhsd")
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    with rotalabs_accel.use_backend("triton"):
+        for offset in range(3):  # decode steps at new offsets reuse the site (offset is not specialized)
+            apply_rope(q, k, cos, sin, layout="bhsd", offset=offset)
+    assert len(kernels._SITES) == 1
+    (key, site), = kernels._SITES.items()
+    assert all(c[1] == recorded_launches[0][1] and c[4] == recorded_launches[0][4] for c in recorded_launches)
+    assert [c[2][-1] for c in recorded_launches] == [0, 1, 2]
+    config = kernels.rope_config(6, 6, False)  # head-major storage
+    assert recorded_launches[0][1] == (-(-6 // config.block_t), 1, 1) and key[0] == (
+        *q.stride()[:1], q.stride(2), q.stride(1), *k.stride()[:1], k.stride(2), k.stride(1),
+        *q.stride()[:1], q.stride(2), q.stride(1), *k.stride()[:1], k.stride(2), k.stride(1),
+        4, 4, 0, 0, 3, 6, 4, 6, 8,
+    )
+    kernels.rope_apply(q, k, cos, sin, None, 0, False, 8, True, config=kernels.RopeConfig(1, 1, 1, 1))
+    assert len(kernels._SITES) == 1 and recorded_launches[-1][1] == (6, 6, 1)  # overrides not cached
+    with rotalabs_accel.use_backend("triton"):
+        apply_rope(q[:1], k[:1], cos, sin, layout="bhsd")  # another shape: another site
+    assert len(kernels._SITES) == 2
+
+
+def _rope_call_variants(device):
+    """(kwargs for apply_rope, valid?) pairs covering every check of the fast path."""
+    q, k = make_qk(2, 3, 4, 2, 16, torch.bfloat16, device, "bshd")
+    cos, sin = build_rope_cache(8, 16, device=device)
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    pos = torch.randint(0, 8, (2, 3), device=device)
+    base = dict(q=q, k=k, cos=cos, sin=sin, position_ids=None, offset=0, layout="bshd", rotary_dim=None,
+                inplace=False)
+    cos12, sin12 = build_rope_cache(8, 12, device=device)
+    valid = [
+        {}, dict(layout="bhsd", q=qh, k=kh), dict(position_ids=pos), dict(position_ids=pos[:1]),
+        dict(position_ids=pos[0]), dict(position_ids=pos.int()), dict(offset=5), dict(rotary_dim=16),
+        dict(inplace=True), dict(cos=cos12, sin=sin12), dict(q=q.float(), k=k.float()),
+        dict(position_ids=pos.short()), dict(cos=cos.double(), sin=sin.double()),
+        dict(q=torch.nn.Parameter(q, requires_grad=False)),
+        dict(q=q.transpose(2, 3).contiguous().transpose(2, 3)),
+    ]
+    invalid = [
+        dict(layout="sbhd"), dict(layout="bhsd"), dict(q=q[..., :8]), dict(k=k[:1]), dict(k=k[:, :2]),
+        dict(q=q.double(), k=k.double()), dict(k=k.half()), dict(q=q.int(), k=k.int()), dict(cos=cos[:, :4]),
+        dict(sin=sin[:4]), dict(rotary_dim=8), dict(rotary_dim=15), dict(rotary_dim=16.0), dict(offset=6),
+        dict(offset=-1), dict(offset=1.0), dict(offset=True), dict(inplace=1), dict(position_ids=pos.float()),
+        dict(position_ids=pos[:, :2]), dict(position_ids=pos, offset=1), dict(position_ids=pos + 8),
+        dict(position_ids=pos.tolist()), dict(q=q[0]), dict(cos=cos[None]), dict(q=q.tolist()),
+        dict(cos=cos.clone().requires_grad_()),
+    ]
+    for changes, ok in [(c, True) for c in valid] + [(c, False) for c in invalid]:
+        yield {**base, **changes}, ok
+
+
+def test_fast_validation_agrees_with_the_general_checks(kernel_device):
+    """The fast check accepts only what _validate accepts (with the same rotary_dim) and passes the
+    rest on: declined valid calls and every invalid call take the general path, which explains."""
+    from rotalabs_accel.functional import rope as functional
+
+    accepted = 0
+    for kwargs, ok in _rope_call_variants(kernel_device):
+        args = [kwargs[n] for n in ("q", "k", "cos", "sin", "position_ids", "offset", "layout", "rotary_dim",
+                                     "inplace")]
+        fast = functional._fast_rotary_dim(*args)
+        if ok:
+            assert fast is None or fast == functional._validate(*args), kwargs
+            accepted += fast is not None
+        else:
+            assert fast is None, kwargs
+            q, cos = kwargs["q"], kwargs["cos"]
+            if isinstance(q, list) or not (cos.requires_grad or q.dtype == torch.float64):
+                with pytest.raises((TypeError, ValueError)):
+                    functional._validate(*args)
+    assert accepted >= 10  # the common calls do take the fast path

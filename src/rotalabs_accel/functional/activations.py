@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import check_same_device, select_backend
-from ..ops.swiglu import SwiGLUFFNFunction, SwiGLUFunction, SwiGLUPackedFunction, packed_pair
+from ..ops.swiglu import SwiGLUFFNFunction, packed_pair, swiglu_eager, swiglu_packed_eager
 from ..reference.swiglu import swiglu_reference
 
 __all__ = ["swiglu_fused", "swiglu_ffn", "packed_pair"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OP = "swiglu_fused"
 
 
 def _kernel_reason(dtype: torch.dtype) -> str | None:
@@ -86,7 +87,51 @@ def swiglu_fused(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Te
         >>> swiglu_fused(torch.cat([gate, up], dim=-1)).shape
         torch.Size([4, 16])
     """
-    op = "swiglu_fused"
+    if not torch.compiler.is_compiling():
+        # Fast path: the common, valid call is checked with a handful of attribute reads; anything
+        # unusual (or invalid) takes the general path below, which explains what is wrong.
+        if up is None:
+            if _packed_ready(gate) and select_backend(_OP, gate) == "triton":
+                return swiglu_packed_eager(gate)
+        elif _pair_ready(gate, up) and select_backend(_OP, gate, up) == "triton":
+            return swiglu_eager(gate, up)
+    return _swiglu_fused_general(gate, up)
+
+
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    index = a.get_device()
+    if b.get_device() != index:
+        return False
+    return a.is_cuda and b.is_cuda if index >= 0 else a.is_cpu and b.is_cpu
+
+
+def _pair_ready(gate: object, up: object) -> bool:
+    """Whether ``swiglu_fused(gate, up)`` is a valid non-empty call in a kernel dtype."""
+    return (
+        isinstance(gate, torch.Tensor)
+        and isinstance(up, torch.Tensor)
+        and gate.dtype in _KERNEL_DTYPES
+        and up.dtype == gate.dtype
+        and up.shape == gate.shape
+        and gate.dim() > 0
+        and gate.numel() > 0
+        and _same_device(gate, up)
+    )
+
+
+def _packed_ready(gate_up: object) -> bool:
+    """Whether ``swiglu_fused(gate_up)`` is a valid non-empty call in a kernel dtype."""
+    return (
+        isinstance(gate_up, torch.Tensor)
+        and gate_up.dtype in _KERNEL_DTYPES
+        and gate_up.dim() > 0
+        and gate_up.shape[-1] % 2 == 0
+        and gate_up.numel() > 0
+    )
+
+
+def _swiglu_fused_general(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    op = _OP
     _check_float_tensor(op, "gate", gate)
     if gate.dim() == 0:
         raise ValueError(f"{op}: gate must have at least one dimension, got a 0-d tensor")
@@ -101,12 +146,10 @@ def swiglu_fused(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Te
         select = select_backend(op, gate, kernel_reason=_kernel_reason(gate.dtype))
         if select == "torch" or gate.numel() == 0:
             return swiglu_reference(gate[..., :n], gate[..., n:])
-        gate_up = _rows(gate)
         if torch.compiler.is_compiling():
-            out = torch.ops.rotalabs_accel.swiglu_packed_fwd(gate_up)
-        else:
-            out = SwiGLUPackedFunction.apply(gate_up)
-        return out.view(*gate.shape[:-1], n)
+            out = torch.ops.rotalabs_accel.swiglu_packed_fwd(_rows(gate))
+            return out.view(*gate.shape[:-1], n)
+        return swiglu_packed_eager(gate)
 
     _check_float_tensor(op, "up", up)
     if up.shape != gate.shape:
@@ -117,12 +160,10 @@ def swiglu_fused(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Te
     select = select_backend(op, gate, up, kernel_reason=_kernel_reason(gate.dtype))
     if select == "torch" or gate.numel() == 0:
         return swiglu_reference(gate, up)
-    gate2, up2 = _rows(gate), _rows(up)
     if torch.compiler.is_compiling():
-        out = torch.ops.rotalabs_accel.swiglu_fwd(gate2, up2)
-    else:
-        out = SwiGLUFunction.apply(gate2, up2)
-    return out.view(gate.shape)
+        out = torch.ops.rotalabs_accel.swiglu_fwd(_rows(gate), _rows(up))
+        return out.view(gate.shape)
+    return swiglu_eager(gate, up)
 
 
 def _check_weight(op: str, name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype,

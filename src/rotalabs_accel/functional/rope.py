@@ -141,6 +141,10 @@ def _validate(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace)
         raise ValueError(
             f"apply_rope: cos/sin must have rotary_dim // 2 = {rotary_dim // 2} columns, got {cos.shape[1]}"
         )
+    if position_ids is not None and not isinstance(position_ids, torch.Tensor):
+        raise TypeError(
+            f"apply_rope: position_ids must be a tensor or None, got {type(position_ids).__name__}"
+        )
     check_same_device("apply_rope", q=q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     if not isinstance(inplace, bool):
         raise TypeError(f"apply_rope: inplace must be a bool, got {inplace!r}")
@@ -157,10 +161,6 @@ def _validate(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace)
                 f"{offset + seq}; build a longer cache"
             )
         return rotary_dim
-    if not isinstance(position_ids, torch.Tensor):
-        raise TypeError(
-            f"apply_rope: position_ids must be a tensor or None, got {type(position_ids).__name__}"
-        )
     if (
         position_ids.dtype.is_floating_point
         or position_ids.dtype.is_complex
@@ -185,6 +185,85 @@ def _validate(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace)
                 f"apply_rope: position_ids must lie in [0, {cache_len}) (the cache length), got values in "
                 f"[{lo}, {hi}]; build a longer cache"
             )
+    return rotary_dim
+
+
+_OP = "apply_rope"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FAST_POSITION_DTYPES = (torch.int64, torch.int32)
+
+
+def _fast_rotary_dim(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace) -> int | None:
+    """The rotary dimension when the call is a valid, kernel-ready one of the common kind, else ``None``.
+
+    Common kind: plain tensors in a kernel dtype on one CUDA device (or all on the CPU), unit stride in
+    the last dimension, cos/sin without gradients, int64/int32 positions. It reads a handful of
+    attributes and launches nothing; whatever it declines goes through :func:`_validate`, which
+    accepts the rarer valid calls and explains the invalid ones. Returning a value implies that
+    :func:`_validate` would return the same value and that no ``kernel_reason`` applies.
+    """
+    tensor = torch.Tensor
+    if type(q) is not tensor or type(k) is not tensor or type(cos) is not tensor or type(sin) is not tensor:
+        return None
+    q_shape, k_shape, cs_shape = q.shape, k.shape, cos.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(cs_shape) != 2 or sin.shape != cs_shape:
+        return None
+    dtype = q.dtype
+    if (
+        dtype not in _KERNEL_DTYPES
+        or k.dtype != dtype
+        or cos.dtype not in _FLOAT_DTYPES
+        or sin.dtype not in _FLOAT_DTYPES
+        or cos.requires_grad
+        or sin.requires_grad
+    ):
+        return None
+    if layout == "bshd":
+        seq = q_shape[1]
+        if k_shape[1] != seq:
+            return None
+    elif layout == "bhsd":
+        seq = q_shape[2]
+        if k_shape[2] != seq:
+            return None
+    else:
+        return None
+    head_dim = q_shape[3]
+    half = cs_shape[1]
+    if rotary_dim is None:
+        rotary_dim = 2 * half
+    elif type(rotary_dim) is not int or rotary_dim != 2 * half:
+        return None
+    if half == 0 or rotary_dim > head_dim or k_shape[0] != q_shape[0] or k_shape[3] != head_dim:
+        return None
+    if q.stride(3) != 1 or k.stride(3) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1:
+        return None
+    if (inplace is not False and inplace is not True) or type(offset) is not int:
+        return None
+    if q.is_cuda:
+        device = q.get_device()
+        if not (k.is_cuda and cos.is_cuda and sin.is_cuda) or not (
+            k.get_device() == device and cos.get_device() == device and sin.get_device() == device
+        ):
+            return None
+    elif not (q.is_cpu and k.is_cpu and cos.is_cpu and sin.is_cpu):
+        return None
+    if position_ids is None:
+        if offset < 0 or offset + seq > cs_shape[0]:
+            return None
+        return rotary_dim
+    if type(position_ids) is not tensor or position_ids.dtype not in _FAST_POSITION_DTYPES or offset != 0:
+        return None
+    if position_ids.is_cuda != q.is_cuda or position_ids.get_device() != q.get_device():
+        return None
+    p_shape = position_ids.shape
+    if p_shape != (q_shape[0], seq) and p_shape != (1, seq) and p_shape != (seq,):
+        return None
+    if not q.is_cuda and position_ids.numel():
+        # On the CPU the range check is free (no device sync); an out-of-range position is explained
+        # by _validate.
+        if int(position_ids.min()) < 0 or int(position_ids.max()) >= cs_shape[0]:
+            return None
     return rotary_dim
 
 
@@ -257,6 +336,26 @@ def apply_rope(
         >>> q_rot.shape, k_rot.shape
         (torch.Size([2, 16, 4, 8]), torch.Size([2, 16, 2, 8]))
     """
+    if not torch.compiler.is_compiling():
+        fast_rotary_dim = _fast_rotary_dim(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace)
+        # The fast check proved every tensor is on q's device, so q alone decides the backend.
+        if fast_rotary_dim is not None and select_backend(_OP, q) == "triton":
+            q_rot, k_rot = _ops.rope_eager(
+                q, k, cos, sin, position_ids, offset, bool(interleaved), fast_rotary_dim, inplace,
+                layout == "bhsd",
+            )
+            if inplace and q_rot is not q:
+                # In place under autograd: rotated out of place (one launch), then copy_, which autograd
+                # tracks (also when q/k are views of a fused qkv tensor).
+                q.copy_(q_rot)
+                k.copy_(k_rot)
+                return q, k
+            return q_rot, k_rot
+    return _apply_rope_general(q, k, cos, sin, position_ids, offset, layout, interleaved, rotary_dim, inplace)
+
+
+def _apply_rope_general(q, k, cos, sin, position_ids, offset, layout, interleaved, rotary_dim, inplace):
+    """:func:`apply_rope` for every call the fast check declines, and under ``torch.compile``."""
     rotary_dim = _validate(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace)
     interleaved = bool(interleaved)
 
@@ -267,7 +366,7 @@ def apply_rope(
         reason = "the kernel computes in fp32 and has no float64 variant"
     elif inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
         reason = "in-place rotation needs q and k with unit stride in the last dimension"
-    backend = select_backend("apply_rope", q, k, cos, sin, position_ids, kernel_reason=reason)
+    backend = select_backend(_OP, q, k, cos, sin, position_ids, kernel_reason=reason)
 
     if backend == "torch":
         q_rot, k_rot = _ref.apply_rope(
@@ -287,35 +386,40 @@ def apply_rope(
             return q, k
         return q_rot, k_rot
 
-    if layout == "bshd":
-        qv, kv = q, k
-    else:
-        qv, kv = q.transpose(1, 2), k.transpose(1, 2)
-    if qv.stride(-1) != 1:
-        qv = qv.contiguous()
-    if kv.stride(-1) != 1:
-        kv = kv.contiguous()
+    # (in place implies unit last strides here: see the kernel_reason above)
+    qk = q if q.stride(-1) == 1 else q.contiguous()
+    kk = k if k.stride(-1) == 1 else k.contiguous()
     if cos.stride(-1) != 1:
         cos = cos.contiguous()
     if sin.stride(-1) != 1:
         sin = sin.contiguous()
+
+    if not torch.compiler.is_compiling():
+        q_rot, k_rot = _ops.rope_eager(
+            qk, kk, cos, sin, position_ids, offset, interleaved, rotary_dim, inplace, layout == "bhsd"
+        )
+        if inplace and q_rot is not q:
+            q.copy_(q_rot)
+            k.copy_(k_rot)
+            return q, k
+        return q_rot, k_rot
+
+    # torch.compile: the custom ops take (batch, seq, heads, head_dim) views and (batch, seq)
+    # positions; views are free in a compiled graph.
+    if layout == "bshd":
+        qv, kv = qk, kk
+    else:
+        qv, kv = qk.transpose(1, 2), kk.transpose(1, 2)
     pos = position_ids
     if pos is not None:
         if pos.dim() == 1:
             pos = pos.unsqueeze(0)
         pos = pos.expand(qv.shape[0], qv.shape[1])
-
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if inplace and not needs_grad:
-        if torch.compiler.is_compiling():
-            _ops.rope_inplace_(qv, kv, cos, sin, pos, offset, interleaved, rotary_dim)
-        else:
-            _ops.rope_eager(qv, kv, cos, sin, pos, offset, interleaved, rotary_dim, inplace=True)
+        _ops.rope_inplace_(qv, kv, cos, sin, pos, offset, interleaved, rotary_dim)
         return q, k
-    if torch.compiler.is_compiling():
-        q_rot, k_rot = _ops.rope_fwd(qv, kv, cos, sin, pos, offset, interleaved, rotary_dim)
-    else:
-        q_rot, k_rot = _ops.rope_eager(qv, kv, cos, sin, pos, offset, interleaved, rotary_dim)
+    q_rot, k_rot = _ops.rope_fwd(qv, kv, cos, sin, pos, offset, interleaved, rotary_dim)
     if layout == "bhsd":
         q_rot, k_rot = q_rot.transpose(1, 2), k_rot.transpose(1, 2)
     if inplace:

@@ -55,55 +55,75 @@ def _out_dtype(x_dtype: torch.dtype, weight: Optional[torch.Tensor], casting_mod
 
 # ---------------------------------------------------------------------------------------------
 # Eager: autograd.Function
+#
+# Everything between the forward launch and the backward launch is host time the GPU may spend
+# waiting in a training step, so these stay lean: few arguments (``apply`` walks them), no work after
+# the launch beyond saving three tensors, and ``once_differentiable``'s bookkeeping only when a
+# double backward could actually follow (``create_graph=True`` is the only way grad mode is on in
+# a backward).
 # ---------------------------------------------------------------------------------------------
 
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, casting_mode):
-        y, _, rstd = _kernel_module().rmsnorm_forward(
-            x, weight, eps, offset, casting_mode, out_dtype=_out_dtype(x.dtype, weight, casting_mode)
-        )
+    def forward(ctx, x, weight, options):
+        eps, offset, casting_mode, out_dtype = options
+        kernels = _kernel_module()
+        y, _, rstd = kernels.rmsnorm_forward(x, weight, eps, offset, casting_mode, out_dtype=out_dtype)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = offset
-        ctx.casting_mode = casting_mode
+        ctx.options = options
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _kernel_module().rmsnorm_backward(
-            dy, x, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw=ctx.needs_input_grad[1]
-        )
-        return dx, dw, None, None, None
+        if torch.is_grad_enabled():
+            return _rmsnorm_backward_once(ctx, dy)
+        return _rmsnorm_backward(ctx, dy)
+
+
+def _rmsnorm_backward(ctx, dy):
+    x, weight, rstd = ctx.saved_tensors
+    _, offset, casting_mode, _ = ctx.options
+    dx, dw = _kernel_module().rmsnorm_backward(
+        dy, x, weight, rstd, offset, casting_mode, compute_dw=ctx.needs_input_grad[1]
+    )
+    return dx, dw, None
+
+
+_rmsnorm_backward_once = once_differentiable(_rmsnorm_backward)
 
 
 class _AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, offset, casting_mode):
-        s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    def forward(ctx, x, residual, weight, options):
+        eps, offset, casting_mode, out_dtype = options
         y, new_residual, rstd = _kernel_module().rmsnorm_forward(
-            x, weight, eps, offset, casting_mode, residual=residual,
-            out_dtype=_out_dtype(s_dtype, weight, casting_mode),
+            x, weight, eps, offset, casting_mode, residual=residual, out_dtype=out_dtype
         )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(new_residual, weight, rstd)
-        ctx.offset = offset
-        ctx.casting_mode = casting_mode
-        ctx.x_dtype = x.dtype
-        ctx.residual_dtype = residual.dtype
+        ctx.options = options
+        ctx.dtypes = (x.dtype, residual.dtype)
         return y, new_residual
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, dnew_residual):
-        new_residual, weight, rstd = ctx.saved_tensors
-        compute_dw = ctx.needs_input_grad[2]
-        ds, dw = _add_rmsnorm_backward(
-            dy, dnew_residual, new_residual, weight, rstd, ctx.offset, ctx.casting_mode, compute_dw
-        )
-        return ds.to(ctx.x_dtype), ds.to(ctx.residual_dtype), dw, None, None, None
+        if torch.is_grad_enabled():
+            return _add_rmsnorm_backward_once(ctx, dy, dnew_residual)
+        return _add_rmsnorm_backward_eager(ctx, dy, dnew_residual)
+
+
+def _add_rmsnorm_backward_eager(ctx, dy, dnew_residual):
+    new_residual, weight, rstd = ctx.saved_tensors
+    _, offset, casting_mode, _ = ctx.options
+    ds, dw = _add_rmsnorm_backward(
+        dy, dnew_residual, new_residual, weight, rstd, offset, casting_mode, ctx.needs_input_grad[2]
+    )
+    x_dtype, residual_dtype = ctx.dtypes
+    return ds.to(x_dtype), ds.to(residual_dtype), dw, None
+
+
+_add_rmsnorm_backward_once = once_differentiable(_add_rmsnorm_backward_eager)
 
 
 def _add_rmsnorm_backward(dy, dnew_residual, new_residual, weight, rstd, offset, casting_mode, compute_dw):
@@ -121,9 +141,9 @@ def rmsnorm_rows(
     x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
 ) -> torch.Tensor:
     """Eager RMSNorm of a 2-D ``(M, N)`` tensor through the Triton kernels (differentiable)."""
-    if _needs_grad(x, weight):
-        return _RMSNormFunction.apply(x, weight, eps, offset, casting_mode)
     out_dtype = _out_dtype(x.dtype, weight, casting_mode)
+    if _needs_grad(x, weight):
+        return _RMSNormFunction.apply(x, weight, (eps, offset, casting_mode, out_dtype))
     return _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, out_dtype=out_dtype, store_rstd=False
     )[0]
@@ -138,9 +158,9 @@ def add_rmsnorm_rows(
     casting_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager fused ``x + residual`` then RMSNorm of 2-D tensors; returns ``(normed, new_residual)``."""
-    if _needs_grad(x, weight, residual):
-        return _AddRMSNormFunction.apply(x, residual, weight, eps, offset, casting_mode)
     out_dtype = _out_dtype(torch.promote_types(x.dtype, residual.dtype), weight, casting_mode)
+    if _needs_grad(x, weight, residual):
+        return _AddRMSNormFunction.apply(x, residual, weight, (eps, offset, casting_mode, out_dtype))
     y, new_residual, _ = _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, residual=residual, out_dtype=out_dtype, store_rstd=False
     )

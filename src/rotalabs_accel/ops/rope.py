@@ -1,9 +1,12 @@
 """Op layer for RoPE: autograd for eager calls and ``torch.library`` ops for ``torch.compile``.
 
-Both paths call the same launcher, :func:`rotalabs_accel.triton_kernels.rope.rope_forward`, which is
+Both paths call the same launcher, :func:`rotalabs_accel.triton_kernels.rope.rope_apply`, which is
 imported lazily (the first time a kernel is needed), so importing this module never imports Triton.
 
-Inputs here are already validated and viewed as ``(batch, seq, heads, head_dim)``.
+Inputs here are already validated. The eager entry (:func:`rope_eager`) takes q and k in the caller's
+layout and passes the layout to the launcher, which reads either layout through the strides: no
+transposed view is created and the autograd graph of one call is one node. The custom ops take
+``(batch, seq, heads, head_dim)`` views (under ``torch.compile`` views cost nothing at run time).
 
 Custom ops (namespace ``rotalabs_accel``):
 
@@ -39,8 +42,8 @@ def _kernel_module() -> ModuleType:
 
 def _launch(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, backward=False, inplace=False):
     kernels = _kernels if _kernels is not None else _kernel_module()
-    return kernels.rope_forward(
-        q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, backward=backward, inplace=inplace
+    return kernels.rope_apply(
+        q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, False, backward, inplace
     )
 
 
@@ -51,28 +54,25 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 class _RopeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, offset, interleaved, rotary_dim):
+    def forward(ctx, q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major):
         ctx.save_for_backward(cos, sin, position_ids)
-        ctx.args = (offset, interleaved, rotary_dim)
-        return _launch(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim)
+        ctx.args = (offset, interleaved, rotary_dim, head_major)
+        kernels = _kernels if _kernels is not None else _kernel_module()
+        return kernels.rope_apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dq, dk):
         cos, sin, position_ids = ctx.saved_tensors
-        offset, interleaved, rotary_dim = ctx.args
-        dq_in, dk_in = _launch(
-            _unit_last_stride(dq),
-            _unit_last_stride(dk),
-            cos,
-            sin,
-            position_ids,
-            offset,
-            interleaved,
-            rotary_dim,
-            backward=True,
+        offset, interleaved, rotary_dim, head_major = ctx.args
+        if dq.stride(-1) != 1:
+            dq = dq.contiguous()
+        if dk.stride(-1) != 1:
+            dk = dk.contiguous()
+        dq_in, dk_in = _kernels.rope_apply(
+            dq, dk, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major, True
         )
-        return dq_in, dk_in, None, None, None, None, None, None
+        return dq_in, dk_in, None, None, None, None, None, None, None
 
 
 def rope_eager(
@@ -85,16 +85,22 @@ def rope_eager(
     interleaved: bool,
     rotary_dim: int,
     inplace: bool = False,
+    head_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager entry: a plain launch when no gradient is needed, else the autograd.Function.
 
-    With ``inplace`` and a gradient to track, the rotation runs out of place and is copied into
-    ``q``/``k`` by the caller (``copy_`` keeps autograd's view bookkeeping right; an in-place
-    autograd.Function cannot return two modified views), so this returns new tensors then.
+    ``q``/``k`` are ``(batch, seq, heads, head_dim)``, or ``(batch, heads, seq, head_dim)`` when
+    ``head_major``, with unit stride in the last dimension. With ``inplace`` and a gradient to track,
+    the rotation runs out of place and is copied into ``q``/``k`` by the caller (``copy_`` keeps
+    autograd's view bookkeeping right; an in-place autograd.Function cannot return two modified
+    views), so this returns new tensors then.
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RopeFunction.apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim)
-    return _launch(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, inplace=inplace)
+        return _RopeFunction.apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major)
+    kernels = _kernels if _kernels is not None else _kernel_module()
+    return kernels.rope_apply(
+        q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major, False, inplace
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
 """Op layer for SwiGLU: autograd and ``torch.library`` registration around the Triton launchers.
 
-Eager calls use the ``torch.autograd.Function`` classes (little Python per call); under
-``torch.compile`` the functional layer calls the custom ops instead, which the compiler sees as opaque
-ops with fake (meta) implementations:
+Eager calls go through :func:`swiglu_eager` / :func:`swiglu_packed_eager`: one launch and no autograd
+bookkeeping when no gradient is needed, else the ``torch.autograd.Function`` classes (little Python per
+call). Under ``torch.compile`` the functional layer calls the custom ops instead, which the compiler
+sees as opaque ops with fake (meta) implementations:
 
 * ``rotalabs_accel::swiglu_fwd(gate, up) -> out`` and ``rotalabs_accel::swiglu_bwd(grad_out, gate, up)
   -> (grad_gate, grad_up)`` for separate 2-D ``gate`` / ``up``;
 * ``rotalabs_accel::swiglu_packed_fwd(gate_up) -> out`` and ``rotalabs_accel::swiglu_packed_bwd(grad_out,
   gate_up) -> grad_gate_up`` for one 2-D ``[M, 2N]`` tensor holding ``gate | up``.
 
-Every operand is 2-D with unit column stride (the functional layer flattens and checks); row strides
-are free. The kernel module is imported the first time a kernel is needed, never at package import.
+The custom ops take 2-D operands with unit column stride (the functional layer flattens and checks);
+row strides are free. The eager ``autograd.Function`` classes take the caller's ``[..., N]`` tensors as
+they are and address them as rows (:func:`as_rows`) without creating views, so the autograd graph of
+one call is one node. The kernel module is imported the first time a kernel is needed, never at
+package import.
 
 :class:`SwiGLUFFNFunction` is the whole feed-forward block ``down(silu(gate(x)) * up(x))`` as one autograd
 node that saves ``gate`` and ``up`` but not the activation: its backward recomputes the activation in
@@ -24,15 +28,19 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..reference.swiglu import swiglu_backward_reference, swiglu_reference
 
 __all__ = [
+    "swiglu_eager",
+    "swiglu_packed_eager",
     "SwiGLUFunction",
     "SwiGLUPackedFunction",
     "SwiGLUFFNFunction",
     "packed_pair",
     "unit_col_stride",
+    "as_rows",
 ]
 
 _kernel_module: ModuleType | None = None
@@ -54,6 +62,24 @@ def unit_col_stride(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(base, row_stride)`` addressing ``t`` as ``[numel / N, N]`` rows with unit column stride.
+
+    ``base`` is ``t`` itself (no view is created) when ``t`` is 2-D with unit column stride or
+    contiguous; otherwise a 2-D view of ``t``, or a copy when the leading dimensions do not collapse
+    into one stride or the last dimension is strided.
+    """
+    if t.dim() == 2:
+        if t.stride(1) == 1:
+            return t, t.stride(0)
+    elif t.is_contiguous():
+        return t, t.shape[-1]
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows, rows.stride(0)
+
+
 def _halves(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = gate_up.shape[-1] // 2
     return gate_up[..., :n], gate_up[..., n:]
@@ -64,39 +90,98 @@ def _halves(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``(out, rows)``: one forward launch; ``rows`` is what the backward needs to address the inputs."""
+    n = gate.shape[-1]
+    g, stride_g = as_rows(gate)
+    u, stride_u = as_rows(up)
+    n_rows = g.numel() // n
+    out = gate.new_empty(gate.shape)
+    _kernels().swiglu_forward_rows(g, u, out, n_rows, n, stride_g, stride_u, n)
+    return out, (g, u, n_rows, n, stride_g, stride_u)
+
+
+def _packed_forward(gate_up: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    width = gate_up.shape[-1]
+    n = width // 2
+    gu, stride = as_rows(gate_up)
+    n_rows = gu.numel() // width
+    out = gate_up.new_empty((*gate_up.shape[:-1], n))
+    _kernels().swiglu_forward_rows(gu, gu, out, n_rows, n, stride, stride, n, n)  # up: n columns in
+    return out, (gu, n_rows, n, stride)
+
+
+def swiglu_eager(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Eager entry for ``gate`` / ``up`` of one shape ``[..., N]`` (validated, non-empty, kernel dtype).
+
+    Without a gradient to record (inference, ``torch.no_grad``) it is one launch and no autograd
+    bookkeeping; otherwise :class:`SwiGLUFunction`.
+    """
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up)
+    return _forward(gate, up)[0]
+
+
+def swiglu_packed_eager(gate_up: torch.Tensor) -> torch.Tensor:
+    """Eager entry for one ``[..., 2N]`` tensor ``[gate | up]`` (validated, non-empty, kernel dtype)."""
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return SwiGLUPackedFunction.apply(gate_up)
+    return _packed_forward(gate_up)[0]
+
+
 class SwiGLUFunction(torch.autograd.Function):
-    """``silu(gate) * up`` on 2-D ``gate`` / ``up`` through the Triton kernels."""
+    """``silu(gate) * up`` on ``gate`` / ``up`` of one shape ``[..., N]`` through the Triton kernels.
+
+    The inputs keep their shape (no flattening view enters the autograd graph): the kernels address
+    them as rows through :func:`as_rows`. The output and the gradients are new contiguous tensors.
+    """
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        out = _kernels().swiglu_forward(gate, up)
-        ctx.save_for_backward(gate, up)
+        out, (g, u, *rows) = _forward(gate, up)
+        ctx.save_for_backward(g, u)
+        ctx.rows = (*rows, gate.shape)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        grad_gate, grad_up, _ = _kernels().swiglu_backward(unit_col_stride(grad_out), gate, up)
-        return (
-            grad_gate if ctx.needs_input_grad[0] else None,
-            grad_up if ctx.needs_input_grad[1] else None,
+        g, u = ctx.saved_tensors
+        n_rows, n, stride_g, stride_u, shape = ctx.rows
+        dy, stride_dy = as_rows(grad_out)
+        grad_gate = g.new_empty(shape)
+        grad_up = g.new_empty(shape)
+        _kernels().swiglu_backward_rows(
+            dy, g, u, grad_gate, grad_up, grad_gate, n_rows, n, stride_dy, stride_g, stride_u, n, n, 0
         )
+        need = ctx.needs_input_grad
+        return grad_gate if need[0] else None, grad_up if need[1] else None
 
 
 class SwiGLUPackedFunction(torch.autograd.Function):
-    """``silu(g) * u`` where 2-D ``gate_up = [g | u]``; the gradient is one ``[M, 2N]`` tensor."""
+    """``silu(g) * u`` where ``gate_up = [g | u]`` along its last dimension ``[..., 2N]``.
+
+    Both halves are read through one base tensor (``u`` starts ``N`` columns in); the gradient is one
+    new ``[..., 2N]`` tensor written by one kernel launch.
+    """
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        out = _kernels().swiglu_forward(*_halves(gate_up))
-        ctx.save_for_backward(gate_up)
+        out, (gu, *rows) = _packed_forward(gate_up)
+        ctx.save_for_backward(gu)
+        ctx.rows = (*rows, gate_up.shape)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        (gate_up,) = ctx.saved_tensors
-        grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        _kernels().swiglu_backward(unit_col_stride(grad_out), *_halves(gate_up), *_halves(grad))
+        (gu,) = ctx.saved_tensors
+        n_rows, n, stride, shape = ctx.rows
+        dy, stride_dy = as_rows(grad_out)
+        grad = gu.new_empty(shape)
+        _kernels().swiglu_backward_rows(
+            dy, gu, gu, grad, grad, grad, n_rows, n, stride_dy, stride, stride, 2 * n, 2 * n, 0, n, n
+        )
         return grad
 
 
@@ -147,7 +232,12 @@ swiglu_fwd.register_autograd(_swiglu_fwd_backward, setup_context=_swiglu_setup_c
 @torch.library.custom_op("rotalabs_accel::swiglu_packed_fwd", mutates_args=())
 def swiglu_packed_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` for a 2-D ``gate_up = [g | u]``; returns a new contiguous ``[M, N]`` tensor."""
-    return _kernels().swiglu_forward(*_halves(unit_col_stride(gate_up)))
+    gu = unit_col_stride(gate_up)
+    n_rows, width = gu.shape
+    n = width // 2
+    out = gu.new_empty((n_rows, n))
+    _kernels().swiglu_forward_rows(gu, gu, out, n_rows, n, gu.stride(0), gu.stride(0), n, n)
+    return out
 
 
 @swiglu_packed_fwd.register_fake
@@ -158,8 +248,14 @@ def _swiglu_packed_fwd_fake(gate_up: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("rotalabs_accel::swiglu_packed_bwd", mutates_args=())
 def swiglu_packed_bwd(grad_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`swiglu_packed_fwd` with respect to ``gate_up``: one new ``[M, 2N]`` tensor."""
-    grad = gate_up.new_empty(gate_up.shape)
-    _kernels().swiglu_backward(unit_col_stride(grad_out), *_halves(unit_col_stride(gate_up)), *_halves(grad))
+    gu, dy = unit_col_stride(gate_up), unit_col_stride(grad_out)
+    n_rows, width = gu.shape
+    n = width // 2
+    grad = gu.new_empty((n_rows, width))
+    _kernels().swiglu_backward_rows(
+        dy, gu, gu, grad, grad, grad, n_rows, n, dy.stride(0), gu.stride(0), gu.stride(0), width, width, 0,
+        n, n,
+    )
     return grad
 
 

@@ -1,23 +1,45 @@
 """Low-overhead kernel launches shared by every op family.
 
 Triton's ``kernel[grid](...)`` re-derives the kernel's specialization from every argument on every
-call, which costs several times the launch itself for small inputs (decode shapes, small batches).
-:func:`launch` keeps the compiled kernel that Triton's own first launch returns and, for later calls
-whose arguments specialize identically, launches it directly. The cache key holds everything
-specialization reads, at a finer grain than Triton uses (so a hit can only be the same kernel): each
-tensor's dtype and low address bits, each integer's low bits, whether it equals 1 and its width
-class, the constexprs, the launch options and the device. Under the interpreter, on CPU tensors, or
-if a direct launch is ever refused by this Triton version, every call takes Triton's ordinary path.
+call, which costs several times the launch itself for small inputs (decode shapes, small batches)
+and, in a training step, leaves the GPU idle between the forward and the backward kernels while the
+host catches up. Two doors avoid that:
+
+:func:`launch`
+    The general entry. It keeps the compiled kernel that Triton's own first launch returns and, for
+    later calls whose arguments specialize identically, launches it directly. The cache key holds
+    everything specialization reads, at a finer grain than Triton uses (so a hit can only be the
+    same kernel): each tensor's dtype and low address bits, each integer's low bits, whether it
+    equals 1 and its width class, the type of every other argument (``None`` becomes a constexpr,
+    a float does not), the constexprs by name, the launch options and the device; the grid is not
+    part of it (a new row count reuses the compiled kernel).
+
+:class:`KernelLaunch`
+    For callers that launch one kernel many times with the same grid, options, constexprs and
+    integer arguments (the op layers cache one per input shape). The caller passes a small key that
+    summarizes what can still change between its calls (in practice the low address bits of the
+    tensors), so a launch costs one dictionary lookup on top of Triton's own launcher.
+
+Under the interpreter, on CPU tensors, or if a direct launch is ever refused by this Triton version,
+every call takes Triton's ordinary path.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["launch", "arg_key", "direct_launch_enabled"]
+__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch"]
 
-_COMPILED: dict[tuple, tuple] = {}
+# (kernel, device, options, constexprs, arg_key) -> [compiled, constexpr tail, last grid, its runner]
+_COMPILED: dict[tuple, list] = {}
+# Entries only ever accumulate, one per distinct specialization; a process that feeds an endless
+# variety of them drops the lot now and then instead of growing without bound.
+_MAX_ENTRIES = 4096
 _direct_launch_ok = True
+_Tensor = torch.Tensor
+_U64_MIN = 1 << 63  # integers from here on are passed as u64
+# What Triton's launcher itself calls to find the current stream; handing it over saves that lookup.
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def direct_launch_enabled() -> bool:
@@ -27,13 +49,42 @@ def direct_launch_enabled() -> bool:
 
 def arg_key(args: tuple) -> tuple:
     """The part of the cache key that depends on the runtime arguments."""
-    return tuple(
-        (a.dtype, a.data_ptr() & 15)
-        if isinstance(a, torch.Tensor)
-        # floats are passed as fp32 and never specialized on their value
-        else (a == 1, a & 15, -2147483648 <= a <= 2147483647) if type(a) is int else None
-        for a in args
-    )
+    key = []
+    add = key.append
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            # Triton specializes an integer on == 1, divisibility by 16 and its width (i32/i64/u64).
+            add(a & 15 | (a == 1) << 4 | (-0x80000000 <= a <= 0x7FFFFFFF) << 5 | (a >= _U64_MIN) << 6)
+        elif kind is float or a is None:
+            add(kind)  # a float is never specialized on its value; None becomes a constexpr
+        elif isinstance(a, _Tensor):
+            add((a.dtype, a.data_ptr() & 15))
+        else:
+            add(kind)
+    return tuple(key)
+
+
+def _disable_direct_launch() -> None:
+    # Argument parsing failed before anything was launched: this Triton's compiled kernels take a
+    # different calling convention. Stay on the ordinary path from now on.
+    global _direct_launch_ok
+    _direct_launch_ok = False
+    _COMPILED.clear()
+
+
+def _first_launch(kernel, grid: tuple, args: tuple, options: dict, constexprs: dict):
+    """Launch through Triton's ordinary path; return ``(compiled, tail)`` for direct relaunches or None."""
+    compiled = kernel[grid](*args, **constexprs, **options)
+    if not _direct_launch_ok or compiled is None or not hasattr(compiled, "__getitem__"):
+        return None
+    names = kernel.arg_names[len(args):]
+    return compiled, tuple(constexprs[name] for name in names)
+
+
+def _runner(compiled, grid: tuple):
+    # Compiled kernels index all three grid dimensions.
+    return compiled[grid + (1,) * (3 - len(grid))]
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None,
@@ -43,32 +94,86 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
     Args:
         kernel: a ``@triton.jit`` function whose runtime arguments come first and constexprs last.
         grid: up to three grid dimensions.
-        args: the runtime arguments, positionally (tensors, ints, floats, ``None``).
+        args: the runtime arguments, positionally (tensors, ints, floats, ``None``); the first one is
+            a tensor on the device to launch on.
         num_warps, num_stages: launch options (``num_stages=None`` keeps Triton's default).
         **constexprs: the constexpr arguments, by name.
     """
-    global _direct_launch_ok
-    if len(grid) < 3:
-        grid = tuple(grid) + (1,) * (3 - len(grid))  # compiled kernels index all three grid dimensions
-    options = {"num_warps": num_warps}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
     device = args[0].get_device()
-    if _direct_launch_ok and device >= 0:
-        key = (kernel, device, num_warps, num_stages, tuple(constexprs.values()), arg_key(args))
+    if _direct_launch_ok and device >= 0 and _current_stream is not None:
+        if type(grid) is not tuple:
+            grid = tuple(grid)
+        key = (kernel, device, num_warps, num_stages, tuple(constexprs.items()), arg_key(args))
         entry = _COMPILED.get(key)
         if entry is not None:
-            compiled, tail = entry
+            # entry: [compiled, constexpr tail, grid of the cached runner, runner]
             try:
-                compiled[grid](*args, *tail)
+                if grid != entry[2]:
+                    entry[3] = _runner(entry[0], grid)
+                    entry[2] = grid
+                entry[3](*args, *entry[1], stream=_current_stream(device))
                 return
             except Exception:
-                # Argument parsing failed before anything was launched: this Triton's compiled
-                # kernels take a different calling convention. Stay on the ordinary path from now on.
-                _direct_launch_ok = False
-        compiled = kernel[grid](*args, **constexprs, **options)
-        if _direct_launch_ok and compiled is not None and hasattr(compiled, "__getitem__"):
-            names = kernel.arg_names[len(args):]
-            _COMPILED[key] = (compiled, tuple(constexprs[name] for name in names))
+                _disable_direct_launch()
+        options = {"num_warps": num_warps} if num_stages is None else \
+            {"num_warps": num_warps, "num_stages": num_stages}
+        first = _first_launch(kernel, grid, args, options, constexprs)
+        if first is not None:
+            if len(_COMPILED) >= _MAX_ENTRIES:
+                _COMPILED.clear()
+            _COMPILED[key] = [first[0], first[1], grid, _runner(first[0], grid)]
         return
-    kernel[grid](*args, **constexprs, **options)
+    if num_stages is None:
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
+    else:
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+class KernelLaunch:
+    """One kernel with a fixed grid, launch options and constexprs, launched many times.
+
+    The caller promises that every call passes the same integer arguments and argument types (it
+    keeps one ``KernelLaunch`` per input shape) and hands :meth:`__call__` a ``key`` that captures
+    whatever else can change how Triton would specialize the arguments: the tensors' low address
+    bits (``data_ptr() & 15``) and, if they vary, their dtypes. Calls with a key seen before launch the
+    compiled kernel directly; others go through Triton's ordinary path once.
+
+    Args:
+        kernel: a ``@triton.jit`` function whose runtime arguments come first and constexprs last.
+        grid: up to three grid dimensions.
+        num_warps, num_stages: launch options (``num_stages=None`` keeps Triton's default).
+        device: the CUDA device index the arguments live on, ``-1`` for CPU tensors (interpreter).
+        **constexprs: the constexpr arguments, by name.
+
+    Example:
+        >>> # site = KernelLaunch(my_kernel, (rows,), 8, device=0, BLOCK=1024)
+        >>> # site((x, y, n), x.data_ptr() & 15 | (y.data_ptr() & 15) << 4)
+    """
+
+    __slots__ = ("kernel", "grid", "options", "constexprs", "device", "direct", "_entries")
+
+    def __init__(self, kernel, grid: tuple, num_warps: int, num_stages: int | None = None,
+                 device: int = -1, **constexprs) -> None:
+        self.kernel = kernel
+        self.grid = tuple(grid)
+        self.options = {"num_warps": num_warps} if num_stages is None else \
+            {"num_warps": num_warps, "num_stages": num_stages}
+        self.constexprs = constexprs
+        self.device = device
+        self.direct = device >= 0 and _current_stream is not None
+        self._entries: dict = {}
+
+    def __call__(self, args: tuple, key=0) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and _direct_launch_ok:
+            try:
+                entry[0](*args, *entry[1], stream=_current_stream(self.device))
+                return
+            except Exception:
+                _disable_direct_launch()
+        if not (self.direct and _direct_launch_ok):
+            self.kernel[self.grid](*args, **self.constexprs, **self.options)
+            return
+        first = _first_launch(self.kernel, self.grid, args, self.options, self.constexprs)
+        if first is not None:
+            self._entries[key] = (_runner(first[0], self.grid), first[1])

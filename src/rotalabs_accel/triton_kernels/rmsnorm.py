@@ -7,15 +7,25 @@ elements within a row are contiguous. Math and casting modes are those of
 Strategies (chosen by :func:`forward_config` / :func:`backward_config` from the tables below):
 
 ``tile``
-    The whole row lives in registers. A program owns ``BLOCK_M`` rows at a time and loops over
-    row tiles (``range(pid, num_tiles, num_programs)``). Forward reads x once and writes y once;
-    backward reads x and dy once, writes dx once, and keeps its partial dW in registers for all of
-    its rows, storing one fp32 row of partials per program at the end.
+    The whole row lives in registers. With ``programs_per_sm == 0`` each program owns one tile of
+    ``BLOCK_M`` rows (no loop); otherwise a persistent grid of ``programs_per_sm * SMs`` programs
+    walks the row tiles (``range(pid, num_tiles, num_programs)``). Forward reads x once and writes y
+    once; backward reads x and dy once, writes dx once, and keeps its partial dW in registers for all
+    of its rows, storing one fp32 row of partials per program at the end.
 ``chunked`` (forward only, large N, many rows)
     One row per loop iteration, walked in ``BLOCK_N`` chunks twice: once for the sum of squares,
     once (in reverse order, so the most recently read chunks come first while they are still in
     L2) to normalize. The first pass loads with ``evict_last`` and the second with ``evict_first``
     so the row tends to be served from L2 the second time.
+``lookback`` (forward only, large N)
+    Rows are cut into column splits of ``split_n``; every ``(row, split)`` is one work item, taken
+    in the order given by a ticket counter (an atomic increment, so the order is the order in which
+    programs actually run). Items come in groups of ``group_rows`` rows: the partial sums of squares
+    of group ``g + 1`` are computed before group ``g`` is normalized, and a normalizing item waits
+    (spinning on a per-row counter) until the partial sums of its row are in. A program only ever
+    waits for items with smaller tickets, which are already running, so the wait always ends, on
+    any number of SMs. The re-read of a row happens shortly after its first read, from L2: HBM sees
+    x once and y once even when the rows are far larger than L2 can hold all at once.
 ``split`` (large N)
     Rows are cut into column splits across programs. Forward: one kernel writes per-split partial
     sums of squares, a second one reduces them (fixed order) and normalizes. Backward: one kernel
@@ -23,15 +33,20 @@ Strategies (chosen by :func:`forward_config` / :func:`backward_config` from the 
     tile and one fp32 row of dW partials per row group.
 
 dW is always reduced deterministically: each program writes its own fp32 partial row (no atomics)
-and the launcher sums the partials with one ``torch.sum`` over a fixed layout.
+and a small kernel sums the partials in a fixed order, writing dW in the weight's dtype (a single
+program writes dW directly).
 
-Launches go through ``_launch``, which re-launches Triton's compiled kernel directly once the
-arguments' specialization has been seen (see the comment there): for small inputs Triton's per-call
-argument binding would otherwise cost more than the kernel.
+Host cost: every distinct input signature (shape, strides, dtypes, flags) gets a launch plan the
+first time it is seen, holding the chosen configuration and one
+:class:`~rotalabs_accel.triton_kernels._launch.KernelLaunch` per kernel; a repeated call costs the
+output allocations, a dictionary lookup and Triton's own launcher. The aim: in a training step the
+host reaches the backward launch before the forward kernel ends, so the GPU need not wait for
+Python between the two.
 
-Only long-standing Triton features are used (masked ``tl.load``/``tl.store`` with eviction hints,
-``tl.sum``, ``tl.sqrt_rn``/``tl.div_rn``, constexpr flags, runtime-bounded loops), so the kernels
-build with Triton 3.6 through 3.9 and run under ``TRITON_INTERPRET=1``.
+Only long-standing Triton features are used (masked ``tl.load``/``tl.store`` with eviction and
+cache hints, ``tl.sum``, ``tl.sqrt_rn``/``tl.div_rn``, scalar atomics with ``sem``,
+``tl.debug_barrier``, constexpr flags, runtime-bounded loops), so the kernels build with Triton
+3.6 through 3.9 and run under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -43,16 +58,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch as _launch
+from ._launch import KernelLaunch
 
 __all__ = [
     "CASTING_CODES",
     "RMSNormConfig",
     "FWD_TILE_TABLE",
     "BWD_TILE_TABLE",
-    "FWD_CHUNKED",
-    "FWD_SPLIT",
-    "BWD_SPLIT",
+    "FWD_WIDE",
+    "FWD_WIDE_FEW_ROWS",
+    "BWD_WIDE",
     "forward_config",
     "backward_config",
     "candidate_configs",
@@ -64,7 +79,8 @@ __all__ = [
 CASTING_CODES = {"llama": 0, "gemma": 1, "none": 2}
 
 # ---------------------------------------------------------------------------------------------
-# Launch heuristics: data only. Tune these from `python benchmarks/bench_rmsnorm.py --sweep`.
+# Launch heuristics: data only. Tune these from `python benchmarks/bench_rmsnorm.py --sweep`, which
+# prints the winning entries in these formats.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -73,17 +89,19 @@ class RMSNormConfig:
     """One launch configuration.
 
     Attributes:
-        strategy: ``"tile"``, ``"chunked"`` or ``"split"`` (module docstring).
-        block_n: tile: the padded row width (a power of two >= N); chunked/split: the chunk width.
+        strategy: ``"tile"``, ``"chunked"``, ``"lookback"`` or ``"split"`` (module docstring).
+        block_n: tile: the padded row width (a power of two >= N); otherwise the chunk width.
         num_warps: warps per program.
         block_m: tile only: rows per program iteration.
-        programs_per_sm: tile/chunked: ``0`` launches one program per row tile; ``k > 0`` launches
-            ``min(tiles, k * SMs)`` programs that loop over the tiles (persistent).
+        programs_per_sm: tile/chunked: ``0`` launches one program per row tile (tile: no loop);
+            ``k > 0`` launches ``min(tiles, k * SMs)`` programs that loop over the tiles (persistent).
         prefetch: tile/chunked: issue the loads of the next row tile (or chunk) before reducing the
             current one, so that each program keeps two in flight (costs registers; pays off with
             persistent grids and long chunk loops).
-        split_n: split only: columns each program of the partial-sum kernel covers (a multiple of
-            ``block_n``); 0 derives it from the shape so that the grid fills the GPU.
+        split_n: split/lookback: columns each work item covers (a multiple of ``block_n``); 0 derives
+            it from the shape.
+        group_rows: lookback only: rows per ordering group; 0 takes as many rows as fit in
+            ``LOOKBACK_GROUP_BYTES``.
     """
 
     strategy: str
@@ -93,80 +111,99 @@ class RMSNormConfig:
     programs_per_sm: int = 0
     prefetch: bool = False
     split_n: int = 0
+    group_rows: int = 0
 
 
-# Forward with the row in registers, per element size in bytes of the input:
-# (largest padded hidden size, rows per program, num_warps, programs per SM, prefetch), where
-# programs per SM 0 = one program per row tile (no loop). Chosen so that nothing spills on sm_90 and
-# each SM keeps >= 16K elements of reads in flight; tune from `bench_rmsnorm.py --sweep`.
-FWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, bool], ...]] = {
+# Row-in-registers forward, per element size in bytes of the input. Each entry is
+# (largest padded hidden size, largest row count or 0 for any, rows per program, num_warps,
+# programs per SM, prefetch); the first entry whose sizes cover the input wins, so an entry with a
+# row bound goes before the unbounded one of the same hidden size. Programs per SM 0 = one program per
+# row tile, no loop. Chosen so that nothing spills on sm_90 and each SM keeps >= 16K elements of
+# reads in flight; tune from `bench_rmsnorm.py --sweep`.
+FWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
     2: (
-        (128, 16, 4, 0, False),
-        (256, 16, 4, 0, False),
-        (512, 8, 4, 0, False),
-        (1024, 4, 4, 0, False),
-        (2048, 2, 4, 0, False),
-        (4096, 1, 8, 0, False),
-        (8192, 1, 16, 0, False),
-        (16384, 1, 32, 0, False),
+        (128, 0, 16, 4, 0, False),
+        (256, 0, 16, 4, 0, False),
+        (512, 0, 8, 4, 0, False),
+        (1024, 0, 4, 4, 0, False),
+        (2048, 0, 2, 4, 0, False),
+        (4096, 0, 1, 8, 0, False),
+        (8192, 0, 1, 16, 0, False),
+        (16384, 0, 1, 32, 0, False),
     ),
     4: (
-        (128, 16, 4, 0, False),
-        (256, 8, 4, 0, False),
-        (512, 4, 4, 0, False),
-        (1024, 2, 4, 0, False),
-        (2048, 1, 4, 0, False),
-        (4096, 1, 8, 0, False),
-        (8192, 1, 16, 0, False),
-        (16384, 1, 32, 0, False),
+        (128, 0, 16, 4, 0, False),
+        (256, 0, 8, 4, 0, False),
+        (512, 0, 4, 4, 0, False),
+        (1024, 0, 2, 4, 0, False),
+        (2048, 0, 1, 4, 0, False),
+        (4096, 0, 1, 8, 0, False),
+        (8192, 0, 1, 16, 0, False),
+        (16384, 0, 1, 32, 0, False),
     ),
 }
 
-# Backward with the row in registers: same columns. Persistent grids (programs per SM > 0, at most
-# what fits on an SM) let each program carry its dW partial in registers over many rows and keep the
-# partial buffer small (programs x N fp32). The backward holds ~6 fp32 values per element (x, dy,
-# weight, dW, two temporaries), hence fewer elements per thread than the forward.
-BWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, bool], ...]] = {
+# Row-in-registers backward: same columns. Persistent grids (programs per SM > 0, at most what fits
+# on an SM) let each program carry its dW partial in registers over many rows and keep the partial
+# buffer small (programs x N fp32). The backward holds ~6 fp32 values per element (x, dy, weight,
+# dW, two temporaries), hence fewer elements per thread than the forward.
+BWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
     2: (
-        (128, 8, 4, 4, False),
-        (256, 4, 4, 4, False),
-        (512, 2, 4, 4, False),
-        (1024, 1, 4, 8, False),
-        (2048, 1, 8, 4, False),
-        (4096, 1, 16, 2, False),
-        (8192, 1, 32, 1, True),
-        (16384, 1, 32, 1, False),
+        (128, 0, 8, 4, 4, False),
+        (256, 0, 4, 4, 4, False),
+        (512, 0, 2, 4, 4, False),
+        (1024, 0, 1, 4, 8, False),
+        (2048, 0, 1, 8, 4, False),
+        (4096, 0, 1, 16, 2, False),
+        (8192, 0, 1, 32, 1, True),
+        (16384, 0, 1, 32, 1, False),
     ),
     4: (
-        (128, 8, 4, 4, False),
-        (256, 4, 4, 4, False),
-        (512, 2, 4, 4, False),
-        (1024, 1, 4, 8, False),
-        (2048, 1, 8, 4, False),
-        (4096, 1, 16, 2, False),
-        (8192, 1, 32, 1, True),
-        (16384, 1, 32, 1, False),
+        (128, 0, 8, 4, 4, False),
+        (256, 0, 4, 4, 4, False),
+        (512, 0, 2, 4, 4, False),
+        (1024, 0, 1, 4, 8, False),
+        (2048, 0, 1, 8, 4, False),
+        (4096, 0, 1, 16, 2, False),
+        (8192, 0, 1, 32, 1, True),
+        (16384, 0, 1, 32, 1, False),
     ),
 }
 
-# Forward above the tile range with at least one row per SM: one row per SM at a time, in large
-# chunks with the next chunk prefetched, so the rows being normalized fit in L2 for the second pass.
-FWD_CHUNKED = RMSNormConfig("chunked", block_n=8192, num_warps=32, programs_per_sm=1, prefetch=True)
-# Forward above the tile range with fewer rows than SMs, and the whole backward above it.
-FWD_SPLIT = RMSNormConfig("split", block_n=4096, num_warps=8)
-BWD_SPLIT = RMSNormConfig("split", block_n=4096, num_warps=8)
+# Forward above the tile range with at least one row per SM.
+FWD_WIDE = RMSNormConfig("chunked", block_n=8192, num_warps=32, programs_per_sm=1, prefetch=True)
+# Forward above the tile range with fewer rows than SMs.
+FWD_WIDE_FEW_ROWS = RMSNormConfig("split", block_n=4096, num_warps=8)
+# The whole backward above the tile range.
+BWD_WIDE = RMSNormConfig("split", block_n=4096, num_warps=8)
+
+# Lookback groups: rows whose bytes fit this budget are summed before the previous group is
+# normalized; two groups in flight stay well inside an H100's 50 MB L2.
+LOOKBACK_GROUP_BYTES = 8 << 20
 
 # Under Triton's interpreter (CPU tensors) grids stay tiny; this stands in for the SM count.
 _INTERPRETER_SMS = 4
 
 
-def _table_entry(table: dict, n: int, elt_bytes: int) -> tuple[int, int, int, int, bool] | None:
-    rows = table[2 if elt_bytes <= 2 else 4]
-    block_n = triton.next_power_of_2(max(n, 1))
-    for entry in rows:
-        if block_n <= entry[0]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _table_entry(table: dict, m: int, n: int, elt_bytes: int) -> tuple | None:
+    block_n = _next_pow2(n)
+    for entry in table[2 if elt_bytes <= 2 else 4]:
+        if block_n <= entry[0] and (entry[1] == 0 or m <= entry[1]):
             return entry
     return None
+
+
+def _tile_config(entry: tuple, m: int, n: int) -> RMSNormConfig:
+    _, _, block_m, num_warps, pps, prefetch = entry
+    return RMSNormConfig("tile", _next_pow2(n), num_warps, min(block_m, _next_pow2(m)), pps, prefetch)
 
 
 def forward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfig:
@@ -176,14 +213,10 @@ def forward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfi
         >>> forward_config(16384, 4096, 2, 132).strategy
         'tile'
     """
-    entry = _table_entry(FWD_TILE_TABLE, n, elt_bytes)
+    entry = _table_entry(FWD_TILE_TABLE, m, n, elt_bytes)
     if entry is not None:
-        _, block_m, num_warps, pps, prefetch = entry
-        block_m = min(block_m, triton.next_power_of_2(max(m, 1)))
-        return RMSNormConfig("tile", triton.next_power_of_2(n), num_warps, block_m, pps, prefetch)
-    if m >= num_sms:
-        return FWD_CHUNKED
-    return FWD_SPLIT
+        return _tile_config(entry, m, n)
+    return FWD_WIDE if m >= num_sms else FWD_WIDE_FEW_ROWS
 
 
 def backward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfig:
@@ -193,32 +226,17 @@ def backward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConf
         >>> backward_config(16384, 4096, 2, 132).programs_per_sm
         2
     """
-    entry = _table_entry(BWD_TILE_TABLE, n, elt_bytes)
+    entry = _table_entry(BWD_TILE_TABLE, m, n, elt_bytes)
     if entry is not None:
-        _, block_m, num_warps, pps, prefetch = entry
-        block_m = min(block_m, triton.next_power_of_2(max(m, 1)))
-        return RMSNormConfig("tile", triton.next_power_of_2(n), num_warps, block_m, pps, prefetch)
-    return BWD_SPLIT
+        return _tile_config(entry, m, n)
+    return BWD_WIDE
 
 
 @functools.cache
 def _sm_count(device_index: int) -> int:
+    if device_index < 0:
+        return _INTERPRETER_SMS
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-_CONFIG_CACHE: dict[tuple, RMSNormConfig] = {}
-
-
-def _config_for(direction: str, m: int, n: int, elt_bytes: int, sms: int) -> RMSNormConfig:
-    # The heuristics depend on m only through min(m, 32) (rows per tile) and m >= sms (chunked vs split),
-    # so one cache entry serves every larger batch: a dictionary hit instead of a table walk per call.
-    m_key = m if m <= 32 else (33 if m < sms else -1)
-    key = (direction, m_key, n, elt_bytes, sms)
-    cfg = _CONFIG_CACHE.get(key)
-    if cfg is None:
-        pick = forward_config if direction == "fwd" else backward_config
-        cfg = _CONFIG_CACHE[key] = pick(m, n, elt_bytes, sms)
-    return cfg
 
 
 def _grid_size(tiles: int, programs_per_sm: int, sms: int) -> int:
@@ -229,13 +247,31 @@ def _grid_size(tiles: int, programs_per_sm: int, sms: int) -> int:
 
 def _split_layout(m: int, n: int, cfg: RMSNormConfig, sms: int, target_per_sm: int = 2) -> tuple[int, int]:
     """(split_n, num_splits) for the partial-sum kernels: enough programs to fill the GPU."""
-    chunks = triton.cdiv(n, cfg.block_n)
+    chunks = _cdiv(n, cfg.block_n)
     if cfg.split_n > 0:
         split_n = max(cfg.block_n, cfg.split_n // cfg.block_n * cfg.block_n)
     else:
-        want = max(1, min(chunks, triton.cdiv(target_per_sm * sms, max(m, 1))))
-        split_n = triton.cdiv(chunks, want) * cfg.block_n
-    return split_n, triton.cdiv(n, split_n)
+        want = max(1, min(chunks, _cdiv(target_per_sm * sms, max(m, 1))))
+        split_n = _cdiv(chunks, want) * cfg.block_n
+    return split_n, _cdiv(n, split_n)
+
+
+def _lookback_layout(m: int, n: int, elt_bytes: int, cfg: RMSNormConfig) -> tuple[int, int, int, int]:
+    """(split_n, num_splits, group_rows, num_groups) of the lookback forward."""
+    if cfg.split_n > 0:
+        split_n = max(cfg.block_n, cfg.split_n // cfg.block_n * cfg.block_n)
+    else:
+        split_n = max(cfg.block_n, 16384 // cfg.block_n * cfg.block_n)
+    num_splits = _cdiv(n, split_n)
+    group_rows = cfg.group_rows or max(1, LOOKBACK_GROUP_BYTES // max(1, n * elt_bytes))
+    group_rows = min(group_rows, m)
+    return split_n, num_splits, group_rows, _cdiv(m, group_rows)
+
+
+def _reduce_layout(n: int, sms: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_P) of the dW reduction: about one program per SM, <= 4096 partials per step."""
+    block_n = min(256, max(16, _next_pow2(_cdiv(n, sms))))
+    return block_n, 4096 // block_n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,57 +313,91 @@ def _load_tile(P, stride, rows, M, cols, col_mask):
 
 
 @triton.jit
+def _fwd_tile_finish(
+    x, r, w, rows, cols, col_mask, M, N, eps, Y, stride_y, S, stride_s, RSTD,
+    X_TY: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, CASTING: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
+):
+    """Normalize one loaded ``[BLOCK_M, BLOCK_N]`` tile and store it (and the residual sum, rstd)."""
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X_TY)
+        tl.store(S + rows64[:, None] * stride_s + cols[None, :], x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = _rstd(tl.sum(xf * xf, axis=1), N, eps)
+    if STORE_RSTD:
+        tl.store(RSTD + rows64, rstd, mask=row_mask)
+    y = _normalized(xf, rstd[:, None], X_TY, CASTING)
+    if HAS_WEIGHT:
+        y = y * w
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rmsnorm_fwd_tile_kernel(
     X, stride_x, R, stride_r, W, Y, stride_y, S, stride_s, RSTD,
     M, N, eps, offset,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, CASTING: tl.constexpr, STORE_RSTD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERSISTENT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_WEIGHT:
-        w = _load_scale(W, cols, col_mask, offset, CASTING)[None, :]
     if HAS_RESIDUAL:
         x_ty = S.dtype.element_ty
     else:
         x_ty = X.dtype.element_ty
-    num_tiles = tl.cdiv(M, BLOCK_M)
-    step = num_programs * BLOCK_M
-    if PREFETCH:
-        # Loads for the program's next tile are issued before this tile's reduction, so each
-        # program keeps two tiles of reads in flight.
-        first = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        x_next = _load_tile(X, stride_x, first, M, cols, col_mask)
+    if not PERSISTENT:
+        # One tile per program, no loop: the row loads go out first, then the (L2-resident) weight.
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        x = _load_tile(X, stride_x, rows, M, cols, col_mask)
         if HAS_RESIDUAL:
-            r_next = _load_tile(R, stride_r, first, M, cols, col_mask)
-    for tile in range(pid, num_tiles, num_programs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        rows64 = rows.to(tl.int64)
-        mask = row_mask[:, None] & col_mask[None, :]
-        if PREFETCH:
-            x = x_next
-            x_next = _load_tile(X, stride_x, rows + step, M, cols, col_mask)
-            if HAS_RESIDUAL:
-                r = r_next
-                r_next = _load_tile(R, stride_r, rows + step, M, cols, col_mask)
+            r = _load_tile(R, stride_r, rows, M, cols, col_mask)
         else:
-            x = _load_tile(X, stride_x, rows, M, cols, col_mask)
-            if HAS_RESIDUAL:
-                r = _load_tile(R, stride_r, rows, M, cols, col_mask)
-        if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ty)
-            tl.store(S + rows64[:, None] * stride_s + cols[None, :], x, mask=mask)
-        xf = x.to(tl.float32)
-        rstd = _rstd(tl.sum(xf * xf, axis=1), N, eps)
-        if STORE_RSTD:
-            tl.store(RSTD + rows64, rstd, mask=row_mask)
-        y = _normalized(xf, rstd[:, None], x_ty, CASTING)
+            r = x
         if HAS_WEIGHT:
-            y = y * w
-        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+            w = _load_scale(W, cols, col_mask, offset, CASTING)[None, :]
+        else:
+            w = 1.0
+        _fwd_tile_finish(x, r, w, rows, cols, col_mask, M, N, eps, Y, stride_y, S, stride_s, RSTD,
+                         x_ty, HAS_RESIDUAL, HAS_WEIGHT, CASTING, STORE_RSTD)
+    else:
+        num_programs = tl.num_programs(0)
+        if HAS_WEIGHT:
+            w = _load_scale(W, cols, col_mask, offset, CASTING)[None, :]
+        else:
+            w = 1.0
+        num_tiles = tl.cdiv(M, BLOCK_M)
+        step = num_programs * BLOCK_M
+        if PREFETCH:
+            # Loads for the program's next tile are issued before this tile's reduction, so each
+            # program keeps two tiles of reads in flight.
+            first = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            x_next = _load_tile(X, stride_x, first, M, cols, col_mask)
+            if HAS_RESIDUAL:
+                r_next = _load_tile(R, stride_r, first, M, cols, col_mask)
+            else:
+                r_next = x_next
+        for tile in range(pid, num_tiles, num_programs):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            if PREFETCH:
+                x = x_next
+                r = r_next
+                x_next = _load_tile(X, stride_x, rows + step, M, cols, col_mask)
+                if HAS_RESIDUAL:
+                    r_next = _load_tile(R, stride_r, rows + step, M, cols, col_mask)
+                else:
+                    r_next = x_next
+            else:
+                x = _load_tile(X, stride_x, rows, M, cols, col_mask)
+                if HAS_RESIDUAL:
+                    r = _load_tile(R, stride_r, rows, M, cols, col_mask)
+                else:
+                    r = x
+            _fwd_tile_finish(x, r, w, rows, cols, col_mask, M, N, eps, Y, stride_y, S, stride_s, RSTD,
+                             x_ty, HAS_RESIDUAL, HAS_WEIGHT, CASTING, STORE_RSTD)
 
 
 @triton.jit
@@ -348,14 +418,13 @@ def _rmsnorm_fwd_chunked_kernel(
     for row in range(pid, M, num_programs):
         row64 = tl.cast(row, tl.int64)
         x_row = X + row64 * stride_x
-        r_row = R + row64 * stride_r
-        s_row = S + row64 * stride_s
         # Pass 1: sum of squares. Without a residual, x is read again in pass 2: keep it in L2.
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if PREFETCH:
             x_next = tl.load(x_row + offs, mask=offs < N, other=0.0, eviction_policy="evict_last")
             if HAS_RESIDUAL:
-                r_next = tl.load(r_row + offs, mask=offs < N, other=0.0, eviction_policy="evict_first")
+                r_next = tl.load(R + row64 * stride_r + offs, mask=offs < N, other=0.0,
+                                 eviction_policy="evict_first")
         for start in range(0, N, BLOCK_N):
             cols = start + offs
             mask = cols < N
@@ -365,22 +434,23 @@ def _rmsnorm_fwd_chunked_kernel(
                                  eviction_policy="evict_last")
                 if HAS_RESIDUAL:
                     r = r_next
-                    r_next = tl.load(r_row + cols + BLOCK_N, mask=cols + BLOCK_N < N, other=0.0,
-                                     eviction_policy="evict_first")
+                    r_next = tl.load(R + row64 * stride_r + cols + BLOCK_N, mask=cols + BLOCK_N < N,
+                                     other=0.0, eviction_policy="evict_first")
             else:
                 x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last")
                 if HAS_RESIDUAL:
-                    r = tl.load(r_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+                    r = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0,
+                                eviction_policy="evict_first")
             if HAS_RESIDUAL:
                 x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ty)
-                tl.store(s_row + cols, x, mask=mask, eviction_policy="evict_last")
+                tl.store(S + row64 * stride_s + cols, x, mask=mask, eviction_policy="evict_last")
             xf = x.to(tl.float32)
             acc += xf * xf
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
         if STORE_RSTD:
             tl.store(RSTD + row64, rstd)
         if HAS_RESIDUAL:
-            src_row = s_row
+            src_row = S + row64 * stride_s
         else:
             src_row = x_row
         # Pass 2, in reverse: the chunks read last in pass 1 are the likeliest still in L2.
@@ -403,6 +473,81 @@ def _rmsnorm_fwd_chunked_kernel(
                 y = y * _load_scale(W, cols, mask, offset, CASTING)
             tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask,
                      eviction_policy="evict_first")
+
+
+@triton.jit
+def _rmsnorm_fwd_lookback_kernel(
+    X, stride_x, R, stride_r, W, Y, stride_y, S, stride_s, RSTD, PART, COUNT, TICKET,
+    M, N, eps, offset, SPLIT_N, NUM_SPLITS, GROUP_ROWS, NUM_GROUPS,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, CASTING: tl.constexpr, STORE_RSTD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    # Work items in ticket order, in blocks of GROUP_ROWS * NUM_SPLITS items:
+    #   sum(0), sum(1), norm(0), sum(2), norm(1), ..., sum(G-1), norm(G-2), norm(G-1)
+    # (the last group is padded to GROUP_ROWS rows; items past row M do nothing).
+    ticket = tl.atomic_add(TICKET, 1)
+    items = GROUP_ROWS * NUM_SPLITS
+    block = ticket // items
+    item = ticket % items
+    last_block = 2 * NUM_GROUPS - 1
+    b1 = block - 1
+    odd = (b1 % 2) == 0  # between the first and the last block, odd blocks sum and even ones normalize
+    is_sum = (block == 0) | ((block != last_block) & odd)
+    group = tl.where(block == 0, 0, tl.where(block == last_block, NUM_GROUPS - 1, b1 // 2 + odd.to(tl.int32)))
+    row = group * GROUP_ROWS + item // NUM_SPLITS
+    split = item % NUM_SPLITS
+    if HAS_RESIDUAL:
+        x_ty = S.dtype.element_ty
+    else:
+        x_ty = X.dtype.element_ty
+    offs = tl.arange(0, BLOCK_N)
+    start0 = split * SPLIT_N
+    row64 = tl.cast(row, tl.int64)
+    if row < M:
+        if is_sum:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(start0, start0 + SPLIT_N, BLOCK_N):
+                cols = start + offs
+                mask = cols < N
+                # Read again by this row's normalizing items shortly: keep it in L2.
+                x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_last")
+                if HAS_RESIDUAL:
+                    r = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0,
+                                eviction_policy="evict_first")
+                    x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ty)
+                    tl.store(S + row64 * stride_s + cols, x, mask=mask, eviction_policy="evict_last")
+                xf = x.to(tl.float32)
+                acc += xf * xf
+            tl.store(PART + row64 * NUM_SPLITS + split, tl.sum(acc, axis=0))
+            # Every thread's stores are done before the count says so (the atomic is one thread's).
+            tl.debug_barrier()
+            tl.atomic_add(COUNT + row64, 1, sem="release")
+        else:
+            done = tl.atomic_add(COUNT + row64, 0, sem="acquire")
+            while done < NUM_SPLITS:
+                done = tl.atomic_add(COUNT + row64, 0, sem="acquire")
+            splits = tl.arange(0, SPLITS_P2)
+            # Written by other programs: read through L2 (".cg"), never a stale L1 line.
+            parts = tl.load(PART + row64 * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=0.0,
+                            cache_modifier=".cg")
+            rstd = _rstd(tl.sum(parts, axis=0), N, eps)
+            if STORE_RSTD:
+                if split == 0:
+                    tl.store(RSTD + row64, rstd)
+            for start in range(start0, start0 + SPLIT_N, BLOCK_N):
+                cols = start + offs
+                mask = cols < N
+                if HAS_RESIDUAL:
+                    xf = tl.load(S + row64 * stride_s + cols, mask=mask, other=0.0, cache_modifier=".cg",
+                                 eviction_policy="evict_first")
+                else:
+                    xf = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0,
+                                 eviction_policy="evict_first")
+                y = _normalized(xf.to(tl.float32), rstd, x_ty, CASTING)
+                if HAS_WEIGHT:
+                    y = y * _load_scale(W, cols, mask, offset, CASTING)
+                tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask,
+                         eviction_policy="evict_first")
 
 
 @triton.jit
@@ -458,9 +603,9 @@ def _rmsnorm_fwd_split_apply_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_tile_kernel(
-    DY, stride_dy, X, stride_x, W, RSTD, DX, stride_dx, DS, stride_ds, DW_PART,
+    DY, stride_dy, X, stride_x, W, RSTD, DX, stride_dx, DS, stride_ds, DW_PART, DW,
     M, N, offset,
-    HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, DW_DIRECT: tl.constexpr,
     CASTING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -494,6 +639,7 @@ def _rmsnorm_bwd_tile_kernel(
         if HAS_WEIGHT:
             u = g * w
             if COMPUTE_DW:
+                # d/dw of w * normalized(x): the normalized value as the forward rounded it.
                 dw_acc += g * _normalized(xf, rstd, x_ty, CASTING)
         else:
             u = g
@@ -505,7 +651,11 @@ def _rmsnorm_bwd_tile_kernel(
             dx += _load_tile(DS, stride_ds, rows, M, cols, col_mask).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
-        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        part = tl.sum(dw_acc, axis=0)
+        if DW_DIRECT:
+            tl.store(DW + cols, part.to(DW.dtype.element_ty), mask=col_mask)
+        else:
+            tl.store(DW_PART + pid * N + cols, part, mask=col_mask)
 
 
 @triton.jit
@@ -532,9 +682,9 @@ def _rmsnorm_bwd_split_dot_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_split_apply_kernel(
-    DY, stride_dy, X, stride_x, W, RSTD, PART, DX, stride_dx, DS, stride_ds, DW_PART,
+    DY, stride_dy, X, stride_x, W, RSTD, PART, DX, stride_dx, DS, stride_ds, DW_PART, DW,
     M, N, offset, ROWS_PER_GROUP, NUM_SPLITS,
-    HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_DRESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, DW_DIRECT: tl.constexpr,
     CASTING: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
     group = tl.program_id(0)
@@ -565,23 +715,138 @@ def _rmsnorm_bwd_split_apply_kernel(
             dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
-        tl.store(DW_PART + tl.cast(group, tl.int64) * N + cols, dw_acc, mask=mask)
+        if DW_DIRECT:
+            tl.store(DW + cols, dw_acc.to(DW.dtype.element_ty), mask=mask)
+        else:
+            tl.store(DW_PART + tl.cast(group, tl.int64) * N + cols, dw_acc, mask=mask)
+
+
+@triton.jit
+def _rmsnorm_dw_reduce_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dW[cols] = sum of the P partial rows, in a fixed order, cast to the weight's dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.load(PART + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers
+# Launch plans: one per input signature, built once
 # ---------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What a call needs besides its tensors: a strategy runner, its kernels and fixed sizes."""
+
+    __slots__ = ("run", "sites", "sizes", "device", "out_dtype", "s_dtype")
+
+    def __init__(self, run, sites, sizes, device, out_dtype=None, s_dtype=None):
+        self.run = run
+        self.sites = sites
+        self.sizes = sizes
+        self.device = device
+        self.out_dtype = out_dtype
+        self.s_dtype = s_dtype
+
+
+# Plans accumulate per distinct signature (shape, strides, dtypes, flags); a workload with an endless
+# variety of row counts drops them now and then instead of growing without bound.
+_PLAN_LIMIT = 2048
+_FWD_PLANS: dict[tuple, _Plan] = {}
+_BWD_PLANS: dict[tuple, _Plan] = {}
+
+
+def _ptr_bits(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr() & 15
+
+
+def _forward_plan(key: tuple, x, weight, residual, config) -> _Plan:
+    m, n, stride_x, x_dtype, device, _, _, out_dtype, store_rstd, casting_mode, _ = key
+    sms = _sm_count(device)
+    s_dtype = x_dtype if residual is None else torch.promote_types(x_dtype, residual.dtype)
+    elt = s_dtype.itemsize
+    cfg = config or forward_config(m, n, elt, sms)
+    flags = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+                 CASTING=CASTING_CODES[casting_mode], STORE_RSTD=store_rstd)
+    stride_r = 0 if residual is None else residual.stride(0)
+    if cfg.strategy == "tile":
+        grid = (_grid_size(_cdiv(m, cfg.block_m), cfg.programs_per_sm, sms),)
+        site = KernelLaunch(_rmsnorm_fwd_tile_kernel, grid, cfg.num_warps, device=device, **flags,
+                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PERSISTENT=cfg.programs_per_sm > 0,
+                            PREFETCH=cfg.prefetch)
+        plan = _Plan(_forward_rows, (site,), (m, n, stride_x, stride_r), device)
+    elif cfg.strategy == "chunked":
+        grid = (_grid_size(m, cfg.programs_per_sm, sms),)
+        site = KernelLaunch(_rmsnorm_fwd_chunked_kernel, grid, cfg.num_warps, device=device, **flags,
+                            BLOCK_N=cfg.block_n, PREFETCH=cfg.prefetch)
+        plan = _Plan(_forward_rows, (site,), (m, n, stride_x, stride_r), device)
+    elif cfg.strategy == "lookback":
+        split_n, num_splits, group_rows, num_groups = _lookback_layout(m, n, elt, cfg)
+        grid = (2 * num_groups * group_rows * num_splits,)
+        site = KernelLaunch(_rmsnorm_fwd_lookback_kernel, grid, cfg.num_warps, device=device, **flags,
+                            BLOCK_N=cfg.block_n, SPLITS_P2=_next_pow2(num_splits))
+        sizes = (m, n, stride_x, stride_r, split_n, num_splits, group_rows, num_groups)
+        plan = _Plan(_forward_lookback, (site,), sizes, device)
+    elif cfg.strategy == "split":
+        split_n, num_splits = _split_layout(m, n, cfg, sms)
+        sumsq = KernelLaunch(_rmsnorm_fwd_split_sumsq_kernel, (m, num_splits), cfg.num_warps, device=device,
+                             HAS_RESIDUAL=residual is not None, BLOCK_N=cfg.block_n)
+        del flags["HAS_RESIDUAL"]
+        apply = KernelLaunch(_rmsnorm_fwd_split_apply_kernel, (m, num_splits), cfg.num_warps, device=device,
+                             **flags, BLOCK_N=cfg.block_n, SPLITS_P2=_next_pow2(num_splits))
+        plan = _Plan(_forward_split, (sumsq, apply), (m, n, stride_x, stride_r, split_n, num_splits), device)
+    else:
+        raise ValueError(f"rmsnorm_forward: unknown strategy {cfg.strategy!r}")
+    plan.out_dtype = out_dtype or s_dtype
+    plan.s_dtype = s_dtype
+    if len(_FWD_PLANS) >= _PLAN_LIMIT:
+        _FWD_PLANS.clear()
+    _FWD_PLANS[key] = plan
+    return plan
+
+
+def _forward_rows(plan, x, w, r, y, s, rstd, eps, offset):
+    """tile and chunked: one launch, the row kernels' argument list."""
+    m, n, stride_x, stride_r = plan.sizes
+    key = x.data_ptr() & 15 | (y.data_ptr() & 15) << 4
+    if w is not None:
+        key |= (w.data_ptr() & 15) << 8
+    if r is not None:
+        key |= (r.data_ptr() & 15) << 12 | (s.data_ptr() & 15) << 16
+    if rstd is not None:
+        key |= (rstd.data_ptr() & 15) << 20
+    plan.sites[0]((x, stride_x, r, stride_r, w, y, n, s, n, rstd, m, n, eps, offset), key)
+
+
+def _forward_lookback(plan, x, w, r, y, s, rstd, eps, offset):
+    m, n, stride_x, stride_r, split_n, num_splits, group_rows, num_groups = plan.sizes
+    part = torch.empty((m, num_splits), dtype=torch.float32, device=x.device)
+    counters = torch.zeros((m + 1,), dtype=torch.int32, device=x.device)  # per-row counts, then the ticket
+    args = (x, stride_x, r, stride_r, w, y, n, s, n, rstd, part, counters, counters[m:],
+            m, n, eps, offset, split_n, num_splits, group_rows, num_groups)
+    key = (_ptr_bits(x), _ptr_bits(r), _ptr_bits(w), _ptr_bits(y), _ptr_bits(s), _ptr_bits(rstd),
+           _ptr_bits(part), _ptr_bits(counters[m:]))
+    plan.sites[0](args, key)
+
+
+def _forward_split(plan, x, w, r, y, s, rstd, eps, offset):
+    m, n, stride_x, stride_r, split_n, num_splits = plan.sizes
+    part = torch.empty((m, num_splits), dtype=torch.float32, device=x.device)
+    sumsq, apply = plan.sites
+    key = (_ptr_bits(x), _ptr_bits(r), _ptr_bits(s), _ptr_bits(part))
+    sumsq((x, stride_x, r, stride_r, s, n, part, m, n, split_n, num_splits), key)
+    src, src_stride = (x, stride_x) if r is None else (s, n)
+    key = (_ptr_bits(src), _ptr_bits(w), _ptr_bits(y), _ptr_bits(rstd), _ptr_bits(part))
+    apply((src, src_stride, w, y, n, rstd, part, m, n, eps, offset, split_n, num_splits), key)
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
     # Kernels take any row stride but need unit stride inside a row.
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
-def _launch_device(t: torch.Tensor) -> tuple[int, int]:
-    """(CUDA device index or -1, SM count) of ``t``."""
-    index = t.get_device()
-    return index, (_sm_count(index) if index >= 0 else _INTERPRETER_SMS)
 
 
 def rmsnorm_forward(
@@ -611,82 +876,149 @@ def rmsnorm_forward(
         ``(y, new_residual, rstd)``: ``y`` ``(M, N)`` contiguous, ``new_residual`` ``(M, N)`` contiguous
         or ``None``, ``rstd`` ``(M,)`` fp32 or ``None`` when ``store_rstd`` is false.
     """
-    x = _rows_ready(x)
     m, n = x.shape
-    device = x.device
-    x_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty((m, n), dtype=out_dtype or x_dtype, device=device)
-    new_residual = None if residual is None else torch.empty((m, n), dtype=x_dtype, device=device)
-    rstd = torch.empty((m,), dtype=torch.float32, device=device) if store_rstd else None
-    if m == 0:
-        return y, new_residual, rstd
-    if n == 0:
-        if rstd is not None:
-            rstd.fill_(float(eps) ** -0.5)
-        return y, new_residual, rstd
+    stride_x, stride_col = x.stride()
+    if stride_col != 1 and n > 1:
+        x = x.contiguous()
+        stride_x = n
+    device = x.get_device()
     if residual is not None:
         residual = _rows_ready(residual)
-    if weight is not None:
-        weight = weight.contiguous()
-    index, sms = _launch_device(x)
-    cfg = config or _config_for("fwd", m, n, x.element_size(), sms)
-    args = (x, weight, residual, y, new_residual, rstd, m, n, float(eps), float(offset),
-            CASTING_CODES[casting_mode], cfg, sms)
-    # Triton launches on the current device: switch only when the tensor lives elsewhere.
-    if index >= 0 and index != torch.cuda.current_device():
-        with torch.cuda.device(index):
-            _launch_forward(*args)
+        key_r = (residual.dtype, residual.stride(0))
     else:
-        _launch_forward(*args)
+        key_r = None
+    if weight is not None:
+        if weight.stride(0) != 1 and n > 1:
+            weight = weight.contiguous()
+        key_w = weight.dtype
+    else:
+        key_w = None
+    key = (m, n, stride_x, x.dtype, device, key_w, key_r, out_dtype, store_rstd, casting_mode, config)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        if m == 0 or n == 0:
+            return _empty_forward(x, residual, m, n, eps, out_dtype, store_rstd)
+        plan = _forward_plan(key, x, weight, residual, config)
+    # empty_like is the cheapest allocation call; for a row-strided x it still returns contiguous rows
+    # (x is then not dense), and a single row's stride is never read.
+    y = torch.empty_like(x, dtype=plan.out_dtype)
+    new_residual = None if residual is None else torch.empty_like(x, dtype=plan.s_dtype)
+    rstd = x.new_empty((m,), dtype=torch.float32) if store_rstd else None
+    if type(eps) is not float:
+        eps = float(eps)
+    if type(offset) is not float:
+        offset = float(offset)
+    # Triton launches on the current device: switch only when the tensor lives elsewhere.
+    if device >= 0 and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            plan.run(plan, x, weight, residual, y, new_residual, rstd, eps, offset)
+    else:
+        plan.run(plan, x, weight, residual, y, new_residual, rstd, eps, offset)
     return y, new_residual, rstd
 
 
-def _launch_forward(x, weight, residual, y, new_residual, rstd, m, n, eps, offset, casting, cfg, sms):
-    has_weight = weight is not None
-    has_residual = residual is not None
-    store_rstd = rstd is not None
-    # Unused pointer slots get a real tensor: the kernels never touch them.
-    w_arg = weight if has_weight else x
-    rstd_arg = rstd if store_rstd else y
-    r_arg, sr = (residual, residual.stride(0)) if has_residual else (x, 0)
-    s_arg, ss = (new_residual, n) if has_residual else (y, 0)
+def _empty_forward(x, residual, m, n, eps, out_dtype, store_rstd):
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((m, n), dtype=out_dtype or s_dtype, device=x.device)
+    new_residual = None if residual is None else torch.empty((m, n), dtype=s_dtype, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device) if store_rstd else None
+    if n == 0 and rstd is not None:
+        rstd.fill_(float(eps) ** -0.5)
+    return y, new_residual, rstd
+
+
+def _backward_plan(key: tuple, dy, x, weight, dresidual, compute_dw, config) -> _Plan:
+    m, n, stride_dy, stride_x, x_dtype, _, device, _, _, _, casting_mode, _ = key
+    sms = _sm_count(device)
+    cfg = config or backward_config(m, n, x.element_size(), sms)
+    flags = dict(HAS_DRESIDUAL=dresidual is not None, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw)
+    stride_ds = 0 if dresidual is None else dresidual.stride(0)
+    casting = CASTING_CODES[casting_mode]
     if cfg.strategy == "tile":
-        grid = (_grid_size(triton.cdiv(m, cfg.block_m), cfg.programs_per_sm, sms),)
-        _launch(
-            _rmsnorm_fwd_tile_kernel, grid,
-            (x, x.stride(0), r_arg, sr, w_arg, y, n, s_arg, ss, rstd_arg, m, n, eps, offset),
-            cfg.num_warps,
-            HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, CASTING=casting, STORE_RSTD=store_rstd,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREFETCH=cfg.prefetch,
-        )
-    elif cfg.strategy == "chunked":
-        grid = (_grid_size(m, cfg.programs_per_sm, sms),)
-        _launch(
-            _rmsnorm_fwd_chunked_kernel, grid,
-            (x, x.stride(0), r_arg, sr, w_arg, y, n, s_arg, ss, rstd_arg, m, n, eps, offset),
-            cfg.num_warps,
-            HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, CASTING=casting, STORE_RSTD=store_rstd,
-            BLOCK_N=cfg.block_n, PREFETCH=cfg.prefetch,
-        )
+        programs = _grid_size(_cdiv(m, cfg.block_m), cfg.programs_per_sm, sms)
+        direct = programs == 1
+        site = KernelLaunch(_rmsnorm_bwd_tile_kernel, (programs,), cfg.num_warps, device=device, **flags,
+                            DW_DIRECT=direct, CASTING=casting, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                            PREFETCH=cfg.prefetch)
+        sites = (site,)
+        sizes = (m, n, stride_dy, stride_x, stride_ds, programs, direct)
+        run = _backward_tile
     elif cfg.strategy == "split":
         split_n, num_splits = _split_layout(m, n, cfg, sms)
-        part = torch.empty((m, num_splits), dtype=torch.float32, device=x.device)
-        _launch(
-            _rmsnorm_fwd_split_sumsq_kernel, (m, num_splits),
-            (x, x.stride(0), r_arg, sr, s_arg, ss, part, m, n, split_n, num_splits),
-            cfg.num_warps,
-            HAS_RESIDUAL=has_residual, BLOCK_N=cfg.block_n,
-        )
-        src, src_stride = (new_residual, n) if has_residual else (x, x.stride(0))
-        _launch(
-            _rmsnorm_fwd_split_apply_kernel, (m, num_splits),
-            (src, src_stride, w_arg, y, n, rstd_arg, part, m, n, eps, offset, split_n, num_splits),
-            cfg.num_warps,
-            HAS_WEIGHT=has_weight, CASTING=casting, STORE_RSTD=store_rstd, BLOCK_N=cfg.block_n,
-            SPLITS_P2=triton.next_power_of_2(num_splits),
-        )
+        chunks = _cdiv(n, cfg.block_n)
+        groups = max(1, min(m, _cdiv(4 * sms, chunks)))
+        rows_per_group = _cdiv(m, groups)
+        groups = _cdiv(m, rows_per_group)
+        direct = groups == 1
+        dot = KernelLaunch(_rmsnorm_bwd_split_dot_kernel, (m, num_splits), cfg.num_warps, device=device,
+                           HAS_WEIGHT=weight is not None, CASTING=casting, BLOCK_N=cfg.block_n)
+        apply = KernelLaunch(_rmsnorm_bwd_split_apply_kernel, (groups, chunks), cfg.num_warps, device=device,
+                             **flags, DW_DIRECT=direct, CASTING=casting, BLOCK_N=cfg.block_n,
+                             SPLITS_P2=_next_pow2(num_splits))
+        sites = (dot, apply)
+        sizes = (m, n, stride_dy, stride_x, stride_ds, groups, direct, split_n, num_splits, rows_per_group)
+        run = _backward_split
     else:
-        raise ValueError(f"rmsnorm_forward: unknown strategy {cfg.strategy!r}")
+        raise ValueError(f"rmsnorm_backward: unknown strategy {cfg.strategy!r}")
+    if compute_dw and not direct:
+        block_n, block_p = _reduce_layout(n, sms)
+        block_p = min(block_p, _next_pow2(sizes[5]))
+        sites += (KernelLaunch(_rmsnorm_dw_reduce_kernel, (_cdiv(n, block_n),), 4, device=device,
+                               BLOCK_P=block_p, BLOCK_N=block_n),)
+    plan = _Plan(run, sites, sizes, device)
+    if len(_BWD_PLANS) >= _PLAN_LIMIT:
+        _BWD_PLANS.clear()
+    _BWD_PLANS[key] = plan
+    return plan
+
+
+def _reduce_dw(plan, part, programs, n, w_dtype):
+    """dW from the fp32 partials, allocated here: the main kernel is already on its way."""
+    dw = torch.empty((n,), dtype=w_dtype, device=part.device)
+    plan.sites[-1]((part, dw, programs, n), part.data_ptr() & 15 | (dw.data_ptr() & 15) << 4)
+    return dw
+
+
+def _backward_tile(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
+    m, n, stride_dy, stride_x, stride_ds, programs, direct = plan.sizes
+    part = dw = None
+    if compute_dw:
+        if direct:
+            dw = torch.empty((n,), dtype=w.dtype, device=dx.device)
+        else:
+            part = torch.empty((programs, n), dtype=torch.float32, device=dx.device)
+    key = (dy.data_ptr() & 15 | (x.data_ptr() & 15) << 4 | (rstd.data_ptr() & 15) << 8
+           | (dx.data_ptr() & 15) << 12)
+    if w is not None:
+        key |= (w.data_ptr() & 15) << 16
+    if ds is not None:
+        key |= (ds.data_ptr() & 15) << 20
+    if compute_dw:
+        key |= _ptr_bits(dw) << 24 | _ptr_bits(part) << 28
+    plan.sites[0]((dy, stride_dy, x, stride_x, w, rstd, dx, n, ds, stride_ds, part, dw, m, n, offset), key)
+    if part is not None:
+        dw = _reduce_dw(plan, part, programs, n, w.dtype)
+    return dw
+
+
+def _backward_split(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
+    m, n, stride_dy, stride_x, stride_ds, groups, direct, split_n, num_splits, rows_per_group = plan.sizes
+    dot, apply = plan.sites[:2]
+    part = torch.empty((m, num_splits), dtype=torch.float32, device=dx.device)
+    key = (_ptr_bits(dy), _ptr_bits(x), _ptr_bits(w), _ptr_bits(rstd), _ptr_bits(part))
+    dot((dy, stride_dy, x, stride_x, w, rstd, part, m, n, offset, split_n, num_splits), key)
+    dw_part = dw = None
+    if compute_dw:
+        if direct:
+            dw = torch.empty((n,), dtype=w.dtype, device=dx.device)
+        else:
+            dw_part = torch.empty((groups, n), dtype=torch.float32, device=dx.device)
+    key = (key, _ptr_bits(dx), _ptr_bits(ds), _ptr_bits(dw_part), _ptr_bits(dw))
+    apply((dy, stride_dy, x, stride_x, w, rstd, part, dx, n, ds, stride_ds, dw_part, dw, m, n, offset,
+           rows_per_group, num_splits), key)
+    if dw_part is not None:
+        dw = _reduce_dw(plan, dw_part, groups, n, w.dtype)
+    return dw
 
 
 def rmsnorm_backward(
@@ -717,79 +1049,47 @@ def rmsnorm_backward(
         ``(dx, dw)``: ``dx`` ``(M, N)`` contiguous in ``x.dtype``; ``dw`` ``(N,)`` in the weight's dtype,
         reduced in fp32 in a fixed order, or ``None`` when there is no weight or ``compute_dw`` is false.
     """
-    x = _rows_ready(x)
-    dy = _rows_ready(dy)
     m, n = x.shape
-    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    has_weight = weight is not None
-    compute_dw = compute_dw and has_weight
-    if m == 0 or n == 0:
-        dw = torch.zeros_like(weight) if compute_dw else None
-        if dresidual is not None and m > 0:
-            dx.copy_(dresidual)
-        return dx, dw
-    if has_weight:
+    stride_x, stride_col = x.stride()
+    if stride_col != 1 and n > 1:
+        x = x.contiguous()
+        stride_x = n
+    stride_dy, stride_col = dy.stride()
+    if stride_col != 1 and n > 1:
+        dy = dy.contiguous()
+        stride_dy = n
+    device = x.get_device()
+    compute_dw = compute_dw and weight is not None
+    if weight is not None and weight.stride(0) != 1 and n > 1:
         weight = weight.contiguous()
+    key_ds = None
     if dresidual is not None:
         dresidual = _rows_ready(dresidual)
-    index, sms = _launch_device(x)
-    cfg = config or _config_for("bwd", m, n, x.element_size(), sms)
-    args = (dy, x, weight, rstd, dx, dresidual, compute_dw, m, n, float(offset), CASTING_CODES[casting_mode],
-            cfg, sms)
-    if index >= 0 and index != torch.cuda.current_device():
-        with torch.cuda.device(index):
-            dw_part = _launch_backward(*args)
+        key_ds = (dresidual.dtype, dresidual.stride(0))
+    key = (m, n, stride_dy, stride_x, x.dtype, dy.dtype, device,
+           None if weight is None else weight.dtype, key_ds, compute_dw, casting_mode, config)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        if m == 0 or n == 0:
+            dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            if dresidual is not None and m > 0:
+                dx.copy_(dresidual)
+            return dx, (torch.zeros_like(weight) if compute_dw else None)
+        plan = _backward_plan(key, dy, x, weight, dresidual, compute_dw, config)
+    dx = torch.empty_like(x)
+    if type(offset) is not float:
+        offset = float(offset)
+    if device >= 0 and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            dw = plan.run(plan, dy, x, weight, rstd, dx, dresidual, compute_dw, offset)
     else:
-        dw_part = _launch_backward(*args)
-    dw = None
-    if compute_dw:
-        dw = dw_part.sum(dim=0)
-        if dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
+        dw = plan.run(plan, dy, x, weight, rstd, dx, dresidual, compute_dw, offset)
     return dx, dw
 
 
-def _launch_backward(dy, x, weight, rstd, dx, dresidual, compute_dw, m, n, offset, casting, cfg, sms):
-    """Launch the backward kernels; returns the fp32 dW partials (one row per program or row group)."""
-    has_weight = weight is not None
-    has_dres = dresidual is not None
-    w_arg = weight if has_weight else x
-    ds_arg, sds = (dresidual, dresidual.stride(0)) if has_dres else (dy, 0)
-    if cfg.strategy == "tile":
-        programs = _grid_size(triton.cdiv(m, cfg.block_m), cfg.programs_per_sm, sms)
-        dw_part = torch.empty((programs, n) if compute_dw else (1,), dtype=torch.float32, device=x.device)
-        _launch(
-            _rmsnorm_bwd_tile_kernel, (programs,),
-            (dy, dy.stride(0), x, x.stride(0), w_arg, rstd, dx, n, ds_arg, sds, dw_part, m, n, offset),
-            cfg.num_warps,
-            HAS_DRESIDUAL=has_dres, HAS_WEIGHT=has_weight, COMPUTE_DW=compute_dw, CASTING=casting,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREFETCH=cfg.prefetch,
-        )
-        return dw_part
-    if cfg.strategy == "split":
-        split_n, num_splits = _split_layout(m, n, cfg, sms)
-        part = torch.empty((m, num_splits), dtype=torch.float32, device=x.device)
-        _launch(
-            _rmsnorm_bwd_split_dot_kernel, (m, num_splits),
-            (dy, dy.stride(0), x, x.stride(0), w_arg, rstd, part, m, n, offset, split_n, num_splits),
-            cfg.num_warps,
-            HAS_WEIGHT=has_weight, CASTING=casting, BLOCK_N=cfg.block_n,
-        )
-        chunks = triton.cdiv(n, cfg.block_n)
-        groups = max(1, min(m, triton.cdiv(4 * sms, chunks)))
-        rows_per_group = triton.cdiv(m, groups)
-        groups = triton.cdiv(m, rows_per_group)
-        dw_part = torch.empty((groups, n) if compute_dw else (1,), dtype=torch.float32, device=x.device)
-        _launch(
-            _rmsnorm_bwd_split_apply_kernel, (groups, chunks),
-            (dy, dy.stride(0), x, x.stride(0), w_arg, rstd, part, dx, n, ds_arg, sds, dw_part, m, n,
-             offset, rows_per_group, num_splits),
-            cfg.num_warps,
-            HAS_DRESIDUAL=has_dres, HAS_WEIGHT=has_weight, COMPUTE_DW=compute_dw, CASTING=casting,
-            BLOCK_N=cfg.block_n, SPLITS_P2=triton.next_power_of_2(num_splits),
-        )
-        return dw_part
-    raise ValueError(f"rmsnorm_backward: unknown strategy {cfg.strategy!r}")
+# ---------------------------------------------------------------------------------------------
+# Sweep candidates
+# ---------------------------------------------------------------------------------------------
 
 
 def _elements_per_thread_ok(elements: int, num_warps: int, lo: int, hi: int) -> bool:
@@ -807,37 +1107,52 @@ def candidate_configs(
     """
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
-    block_n = triton.next_power_of_2(max(n, 1))
+    block_n = _next_pow2(max(n, 1))
     out: list[RMSNormConfig] = []
     tile_max = 32768 if direction == "fwd" else 16384
-    # The grid size (programs per SM) does not change the compiled kernel: those variants cost
-    # timing only. Prefetching pays only when a program loops over several tiles.
+    # The grid size (programs per SM) does not change a persistent kernel: those variants cost
+    # timing only. Prefetching pays only when a program loops over several tiles. Forward grids with
+    # 0 programs per SM are the loop-free one-tile-per-program kernel.
     grids = [(0, False)] if direction == "fwd" else []
-    grids += [(pps, pf) for pps in ((2, 4) if direction == "fwd" else (1, 2, 4)) for pf in (False, True)]
+    grids += [(pps, pf) for pps in ((1, 2, 4) if direction == "fwd" else (1, 2, 4)) for pf in (False, True)]
     if block_n <= tile_max:
         for block_m in (1, 2, 4, 8, 16, 32):
             elements = block_m * block_n
-            if block_m > 1 and (elements > 16384 or block_m > triton.next_power_of_2(max(m, 1))):
+            if block_m > 1 and (elements > 16384 or block_m > _next_pow2(max(m, 1))):
                 continue
-            for num_warps in (4, 8, 16, 32):
+            for num_warps in (2, 4, 8, 16, 32):
                 if not _elements_per_thread_ok(elements, num_warps, 8, 32):
                     continue
                 for pps, prefetch in grids:
                     out.append(RMSNormConfig("tile", block_n, num_warps, block_m, pps, prefetch))
     if block_n > 16384:
         chunks = (4096, 8192, 16384)
-        if direction == "fwd" and m >= sms:
-            for chunk in chunks:
-                for num_warps in (8, 16, 32):
-                    if not _elements_per_thread_ok(chunk, num_warps, 8, 16):
+        if direction == "fwd":
+            if m >= sms:
+                for chunk in chunks:
+                    for num_warps in (8, 16, 32):
+                        if not _elements_per_thread_ok(chunk, num_warps, 8, 16):
+                            continue
+                        for pps in (0, 1, 2):
+                            for prefetch in (False, True):
+                                out.append(RMSNormConfig("chunked", chunk, num_warps, 1, pps, prefetch))
+            for chunk in (4096, 8192):
+                for num_warps in (4, 8, 16):
+                    if not _elements_per_thread_ok(chunk, num_warps, 8, 32):
                         continue
-                    for pps in (0, 1, 2):
-                        for prefetch in (False, True):
-                            out.append(RMSNormConfig("chunked", chunk, num_warps, 1, pps, prefetch))
+                    for split_n in (chunk, 16384, 32768):
+                        if split_n >= chunk and split_n < 2 * n:
+                            out.append(RMSNormConfig("lookback", chunk, num_warps, split_n=split_n))
         for chunk in chunks:
             for num_warps in (8, 16, 32):
                 if _elements_per_thread_ok(chunk, num_warps, 8, 16):
                     out.append(RMSNormConfig("split", chunk, num_warps))
     pick = forward_config if direction == "fwd" else backward_config
     heuristic = pick(m, n, elt_bytes, sms)
-    return [heuristic] + [c for c in out if c != heuristic]
+    seen = {heuristic}
+    ordered = [heuristic]
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            ordered.append(c)
+    return ordered

@@ -18,7 +18,11 @@ in fp32, rounded once to the input dtype. The backward pass is the rotation by t
 (the transpose of a rotation), so it is the same kernel with ``sin`` negated (``BACKWARD``).
 
 Launch configuration is data: :class:`RopeConfig`, chosen by :func:`rope_config` from a small table
-keyed on the token count and the layout's head stride. No autotuning, so no first-call stalls.
+keyed on the token count and the layout's head stride. No autotuning, so no first-call stalls. The
+launcher, :func:`rope_apply`, reads both layouts through their strides (no transposed views), reads
+position ids in place (no broadcast or dtype conversion) and keeps one
+:class:`~rotalabs_accel.triton_kernels._launch.KernelLaunch` site per problem, so a repeated call (a
+decode step) is two output allocations, a dictionary lookup and a direct launch.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["RopeConfig", "rope_config", "rope_forward", "SWEEP_CONFIGS"]
+from ._launch import KernelLaunch, launch
+
+__all__ = ["RopeConfig", "rope_config", "rope_apply", "rope_forward", "SWEEP_CONFIGS"]
 
 
 @triton.jit
@@ -173,12 +179,12 @@ class RopeConfig:
 
     def resolve(self, heads_total: int, half_block: int, itemsize: int) -> tuple[int, int, int]:
         """``(heads_per_program, head_groups, num_warps)`` for a problem."""
-        hpp = self.heads_per_program or triton.cdiv(heads_total, self.block_h) * self.block_h
+        hpp = self.heads_per_program or -(-heads_total // self.block_h) * self.block_h
         num_warps = self.num_warps
         if num_warps == 0:
             tile_bytes = self.block_t * self.block_h * half_block * itemsize
             num_warps = min(8, max(1, tile_bytes // (16 * 32)))
-        return hpp, triton.cdiv(heads_total, hpp), num_warps
+        return hpp, -(-heads_total // hpp), num_warps
 
 
 # Heuristic table, first match wins: (minimum token count, storage order or None for either, config).
@@ -194,13 +200,31 @@ _TABLE: tuple[tuple[int, bool | None, RopeConfig], ...] = (
     (0, None, RopeConfig(block_t=1, block_h=8, heads_per_program=8)),
 )
 
-# Candidates the benchmark's --sweep mode times at the issue's shapes (51 configurations).
-SWEEP_CONFIGS: tuple[RopeConfig, ...] = tuple(
+# Candidates the benchmark's --sweep mode times at the issue's shapes. Token-major storage wants few
+# tokens and many heads per tile (a token's heads are adjacent); head-major storage wants many tokens
+# of few heads (a head's tokens are adjacent); decode (64 tokens) also splits heads over programs.
+SWEEP_TOKEN_MAJOR: tuple[RopeConfig, ...] = tuple(
     RopeConfig(bt, bh, hpp, nw)
-    for bt, bh in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 4), (8, 1), (8, 2), (16, 1), (32, 1))
+    for bt, bh in ((1, 8), (1, 16), (1, 32), (2, 8), (2, 16), (4, 8))
     for hpp in (0, 8)
     for nw in (0, 4, 8)
     if hpp == 0 or hpp % bh == 0
+)
+SWEEP_HEAD_MAJOR: tuple[RopeConfig, ...] = tuple(
+    RopeConfig(bt, bh, hpp, nw)
+    for bt, bh in ((8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (64, 1))
+    for hpp in (4, 8, 0)
+    for nw in (0, 4, 8)
+)
+SWEEP_DECODE: tuple[RopeConfig, ...] = tuple(
+    RopeConfig(bt, bh, hpp, nw)
+    for bt, bh, hpp in (
+        (1, 4, 4), (1, 4, 8), (1, 8, 8), (1, 8, 16), (1, 8, 0), (2, 4, 8), (2, 8, 8), (4, 4, 4)
+    )
+    for nw in (0, 1, 2, 4)
+)
+SWEEP_CONFIGS: tuple[RopeConfig, ...] = tuple(
+    dict.fromkeys(SWEEP_TOKEN_MAJOR + SWEEP_HEAD_MAJOR + SWEEP_DECODE)
 )
 
 
@@ -220,33 +244,34 @@ def rope_config(n_tokens: int, heads_total: int, token_major: bool) -> RopeConfi
     return _TABLE[-1][2]
 
 
-@functools.lru_cache(maxsize=1024)
-def _launch_plan(
+def _make_plan(
     n_tokens: int,
-    heads_total: int,
+    heads_q: int,
+    heads_k: int,
     token_major: bool,
     rotary_dim: int,
     head_dim: int,
-    itemsize: int,
+    dtype: torch.dtype,
     interleaved: bool,
     backward: bool,
     has_positions: bool,
     inplace: bool,
     config: RopeConfig | None,
-) -> tuple[tuple[int, int], dict]:
-    """Grid and compile-time arguments for one problem (cached: decode calls repeat the same shape)."""
+) -> tuple[tuple[int, int, int], int, dict]:
+    """``(grid, num_warps, constexprs)`` of one launch."""
+    heads_total = heads_q + heads_k
     if config is None:
         config = rope_config(n_tokens, heads_total, token_major)
     half = rotary_dim // 2
-    half_block = triton.next_power_of_2(half)
-    hpp, groups, num_warps = config.resolve(heads_total, half_block, itemsize)
+    half_block = 1 << max(0, half - 1).bit_length()
+    hpp, groups, num_warps = config.resolve(heads_total, half_block, dtype.itemsize)
     rest = head_dim - rotary_dim
     meta = dict(
         HALF=half,
         HALF_BLOCK=half_block,
         ROTARY_DIM=rotary_dim,
         HEAD_DIM=head_dim,
-        PASS_BLOCK=triton.next_power_of_2(rest) if rest > 0 else 0,
+        PASS_BLOCK=1 << max(0, rest - 1).bit_length() if rest > 0 else 0,
         INTERLEAVED=interleaved,
         BACKWARD=backward,
         HAS_POSITIONS=has_positions,
@@ -254,9 +279,141 @@ def _launch_plan(
         BLOCK_T=config.block_t,
         BLOCK_H=config.block_h,
         HEADS_PER_PROGRAM=hpp,
-        num_warps=num_warps,
     )
-    return (triton.cdiv(n_tokens, config.block_t), groups), meta
+    return (-(-n_tokens // config.block_t), groups, 1), num_warps, meta
+
+
+# Launch sites of the table's configurations (one per distinct problem: shapes, strides, dtypes,
+# flags, device), so a repeated call (every decode step, every layer) costs one dictionary lookup and
+# a direct launch. Bounded: cleared when a workload cycles through very many shapes.
+_SITES: dict[tuple, KernelLaunch] = {}
+_MAX_SITES = 4096
+
+
+def _new_site(key: tuple, plan_key: tuple, device: int) -> KernelLaunch:
+    grid, num_warps, meta = _make_plan(*plan_key, None)
+    site = KernelLaunch(_rope_kernel, grid, num_warps, device=device, **meta)
+    if len(_SITES) >= _MAX_SITES:
+        _SITES.clear()
+    _SITES[key] = site
+    return site
+
+
+def rope_apply(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offset: int,
+    interleaved: bool,
+    rotary_dim: int,
+    head_major: bool = False,
+    backward: bool = False,
+    inplace: bool = False,
+    config: RopeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel once for q and k given in either layout.
+
+    Args:
+        q: ``(batch, seq, heads_q, head_dim)``, or ``(batch, heads_q, seq, head_dim)`` when
+            ``head_major``; any strides with a unit stride in the last dimension.
+        k: the same layout with ``heads_k`` heads, same dtype, unit stride in the last dimension.
+        cos, sin: ``(cache_len, rotary_dim // 2)`` with unit stride in the last dimension.
+        position_ids: ``None``, or integer positions ``(batch, seq)``, ``(1, seq)`` or ``(seq,)``,
+            any strides; read in place (no broadcast view, no dtype conversion).
+        offset: first position when ``position_ids`` is ``None``.
+        interleaved: pairs ``(2j, 2j+1)`` instead of ``(j, j + rotary_dim / 2)``.
+        rotary_dim: rotated features (even, ``<= head_dim``); the rest are copied.
+        head_major: the layout of ``q``/``k`` (see above). The kernel reads both layouts through
+            their strides; no transposed view is created.
+        backward: rotate by the negative angle (the gradient of the forward rotation).
+        inplace: write the result into ``q`` and ``k`` (features past ``rotary_dim`` untouched).
+        config: launch configuration; default from :func:`rope_config`, launched through a launch
+            site memoized per problem (an explicit ``config`` goes through ``launch`` each time).
+
+    Returns:
+        ``(q_out, k_out)``: new tensors shaped like ``q``/``k`` (``torch.empty_like``: the strides of
+        ``q``/``k`` when those are dense, else dense), or ``(q, k)`` themselves when ``inplace``.
+
+    No validation happens here: the functional layer checks the arguments once. The only GPU work
+    is the kernel launch (the outputs come from the caching allocator).
+    """
+    if head_major:
+        batch, heads_q, seq, head_dim = q.shape
+        heads_k = k.shape[1]
+        sqb, sqh, sqs, _ = q.stride()
+        skb, skh, sks, _ = k.stride()
+    else:
+        batch, seq, heads_q, head_dim = q.shape
+        heads_k = k.shape[2]
+        sqb, sqs, sqh, _ = q.stride()
+        skb, sks, skh, _ = k.stride()
+    if inplace:
+        q_out, k_out = q, k
+        sqob, sqos, sqoh, skob, skos, skoh = sqb, sqs, sqh, skb, sks, skh
+    else:
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        if head_major:
+            sqob, sqoh, sqos, _ = q_out.stride()
+            skob, skoh, skos, _ = k_out.stride()
+        else:
+            sqob, sqos, sqoh, _ = q_out.stride()
+            skob, skos, skoh, _ = k_out.stride()
+    n_tokens = batch * seq
+    heads_total = heads_q + heads_k
+    if n_tokens == 0 or heads_total == 0:
+        return q_out, k_out
+    if position_ids is None:
+        pos, stride_pb, stride_ps = q, 0, 0
+    elif position_ids.dim() == 1:
+        pos, stride_pb, stride_ps = position_ids, 0, position_ids.stride(0)
+    else:
+        pos = position_ids
+        stride_pb, stride_ps = position_ids.stride()
+        if position_ids.shape[0] == 1:
+            stride_pb = 0  # one row of positions shared by the whole batch
+    ints = (
+        sqb, sqs, sqh, skb, sks, skh, sqob, sqos, sqoh, skob, skos, skoh,
+        cos.stride(0), sin.stride(0), stride_pb, stride_ps,
+        seq, n_tokens, heads_q, heads_total, cos.shape[0],
+    )
+    args = (q, k, q_out, k_out, cos, sin, pos, *ints, offset)
+    has_positions = pos is not q
+    device = q.get_device()
+    if config is None:
+        # Everything Triton specializes on is in the site key (the integers exactly, the dtypes) or in
+        # the call key (the tensors' 16-byte alignment, the offset's width). The offset is the one
+        # integer that may differ between calls of a site: the kernel does not specialize on it
+        # (do_not_specialize), so decode steps at new offsets reuse one compiled kernel. The site key
+        # also determines everything the plan reads (heads_k = heads_total - heads_q; the storage
+        # order from the strides).
+        key = (ints, rotary_dim, head_dim, q.dtype, cos.dtype, sin.dtype, pos.dtype, interleaved, backward,
+               has_positions, inplace, device)
+        site = _SITES.get(key)
+        if site is None:
+            plan_key = (n_tokens, heads_q, heads_k, sqh <= sqs, rotary_dim, head_dim, q.dtype, interleaved,
+                        backward, has_positions, inplace)
+            site = _new_site(key, plan_key, device)
+        call_key = (
+            (q.data_ptr() & 15) | (k.data_ptr() & 15) << 4 | (q_out.data_ptr() & 15) << 8
+            | (k_out.data_ptr() & 15) << 12 | (cos.data_ptr() & 15) << 16 | (sin.data_ptr() & 15) << 20
+            | (pos.data_ptr() & 15) << 24 | (offset > 0x7FFFFFFF) << 28
+        )
+        if device >= 0 and device != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                site(args, call_key)
+        else:
+            site(args, call_key)
+        return q_out, k_out
+    grid, num_warps, meta = _make_plan(n_tokens, heads_q, heads_k, sqh <= sqs, rotary_dim, head_dim, q.dtype,
+                                       interleaved, backward, has_positions, inplace, config)
+    if device >= 0 and device != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            launch(_rope_kernel, grid, args, num_warps, **meta)
+    else:
+        launch(_rope_kernel, grid, args, num_warps, **meta)
+    return q_out, k_out
 
 
 def rope_forward(
@@ -272,13 +429,14 @@ def rope_forward(
     inplace: bool = False,
     config: RopeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel once for q and k.
+    """Launch the kernel once for q and k viewed as ``(batch, seq, heads, head_dim)``.
 
     Args:
         q: ``(batch, seq, heads_q, head_dim)`` view, unit stride in the last dimension.
         k: ``(batch, seq, heads_k, head_dim)`` view, same dtype, unit stride in the last dimension.
         cos, sin: ``(cache_len, rotary_dim // 2)`` with unit stride in the last dimension.
-        position_ids: ``None`` or a ``(batch, seq)`` integer view (broadcast strides allowed).
+        position_ids: ``None`` or a ``(batch, seq)``, ``(1, seq)`` or ``(seq,)`` integer tensor
+            (broadcast strides allowed).
         offset: first position when ``position_ids`` is ``None``.
         interleaved: pairs ``(2j, 2j+1)`` instead of ``(j, j + rotary_dim / 2)``.
         rotary_dim: rotated features (even, ``<= head_dim``); the rest are copied.
@@ -290,39 +448,8 @@ def rope_forward(
         ``(q_out, k_out)``: new tensors with the strides of ``q``/``k`` when those are dense
         (``torch.empty_like``), or ``(q, k)`` themselves when ``inplace``.
 
-    No validation happens here: the functional layer checks the arguments once.
+    No validation happens here: the functional layer checks the arguments once. Same launch as
+    :func:`rope_apply` with ``head_major=False``.
     """
-    batch, seq, heads_q, head_dim = q.shape
-    heads_k = k.shape[2]
-    if inplace:
-        q_out, k_out = q, k
-    else:
-        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    n_tokens = batch * seq
-    heads_total = heads_q + heads_k
-    if n_tokens == 0 or heads_total == 0:
-        return q_out, k_out
-    sqb, sqs, sqh, _ = q.stride()
-    skb, sks, skh, _ = k.stride()
-    grid, meta = _launch_plan(
-        n_tokens, heads_total, sqh <= sqs, rotary_dim, head_dim, q.element_size(), interleaved, backward,
-        position_ids is not None, inplace, config,
-    )
-    if position_ids is None:
-        pos, stride_pb, stride_ps = q, 0, 0
-    else:
-        pos, (stride_pb, stride_ps) = position_ids, position_ids.stride()
-    sqob, sqos, sqoh, _ = q_out.stride()
-    skob, skos, skoh, _ = k_out.stride()
-    args = (
-        q, k, q_out, k_out, cos, sin, pos,
-        sqb, sqs, sqh, skb, sks, skh, sqob, sqos, sqoh, skob, skos, skoh,
-        cos.stride(0), sin.stride(0), stride_pb, stride_ps,
-        seq, n_tokens, heads_q, heads_total, cos.shape[0], offset,
-    )
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):
-            _rope_kernel[grid](*args, **meta)
-    else:
-        _rope_kernel[grid](*args, **meta)
-    return q_out, k_out
+    return rope_apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, False, backward, inplace,
+                      config)

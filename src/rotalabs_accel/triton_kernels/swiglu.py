@@ -1,12 +1,14 @@
 """Triton kernels for the SwiGLU activation ``y = silu(gate) * up`` and its backward.
 
 Both kernels are elementwise over a 2-D ``[rows, cols]`` problem and tile it with ``BLOCK_M x BLOCK_N``
-tiles. Every operand is a 2-D view with unit column stride and its own row stride, so one kernel serves
+tiles. Every operand is addressed as a base tensor, a row stride and (for ``up`` and ``grad_up``) a
+column offset, with unit column stride, so one kernel serves
 
 * separate ``gate`` / ``up`` tensors (any row strides, e.g. slices of wider buffers), and
-* one packed tensor ``[rows, 2 * cols]`` holding ``gate | up`` side by side (two views of it, row
-  stride ``2 * cols``), as a fused gate+up projection produces; the backward then writes
-  ``grad_gate | grad_up`` into the two halves of one packed gradient.
+* one packed tensor ``[rows, 2 * cols]`` holding ``gate | up`` side by side: the same base tensor for
+  both, row stride ``2 * cols`` and ``up`` starting ``cols`` columns in, as a fused gate+up projection
+  produces; the backward then writes ``grad_gate | grad_up`` into the two halves of one packed gradient.
+  No view of the halves is created on the host.
 
 Arithmetic is float32 whatever the storage dtype; results are rounded once on store.
 
@@ -15,18 +17,23 @@ Traffic per element: forward reads 2 values and writes 1; backward reads 3 (``gr
 backward). The backward recomputes ``sigmoid(gate)`` instead of saving anything from the forward.
 
 Launch configuration is data: :class:`SwiGLULaunchConfig` picked by :func:`forward_config` /
-:func:`backward_config` from the tables below, never autotuned at run time.
+:func:`backward_config` from the tables below, never autotuned at run time. The resulting launch
+(grid, warps, compile-time arguments) is memoized per problem as a
+:class:`~rotalabs_accel.triton_kernels._launch.KernelLaunch` site, so a repeated shape costs a
+dictionary lookup and a direct launch of the compiled kernel; an explicit configuration (benchmark
+sweeps, tests) goes through :func:`~rotalabs_accel.triton_kernels._launch.launch`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import KernelLaunch, launch
 
 __all__ = [
     "SwiGLULaunchConfig",
@@ -35,6 +42,8 @@ __all__ = [
     "backward_config",
     "swiglu_forward",
     "swiglu_backward",
+    "swiglu_forward_rows",
+    "swiglu_backward_rows",
 ]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,18 +86,18 @@ def _store(ptrs, value, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _forward_tile(
-    tile, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out,
+    tile, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
 ):
     rows, cols, mask = _tile_offsets(tile, n_rows, n_cols, BLOCK_M, BLOCK_N)
     gate = _load(gate_ptr + rows * stride_gate + cols, mask, EVEN, LOAD_POLICY)
-    up = _load(up_ptr + rows * stride_up + cols, mask, EVEN, LOAD_POLICY)
+    up = _load(up_ptr + up_col + rows * stride_up + cols, mask, EVEN, LOAD_POLICY)
     _store(out_ptr + rows * stride_out + cols, gate * tl.sigmoid(gate) * up, mask, EVEN)
 
 
 @triton.jit
 def _swiglu_forward_kernel(
-    gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out,
+    gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
@@ -96,23 +105,23 @@ def _swiglu_forward_kernel(
         n_tiles = tl.cdiv(n_rows, BLOCK_M) * tl.cdiv(n_cols, BLOCK_N)
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _forward_tile(tile, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up,
-                          stride_out, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY)
+                          stride_out, up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY)
     else:
         _forward_tile(tl.program_id(0), gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up,
-                      stride_out, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY)
+                      stride_out, up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY)
 
 
 @triton.jit
 def _backward_tile(
     tile, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows, n_cols,
-    stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up, stride_h,
+    stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
     STORE_H: tl.constexpr,
 ):
     rows, cols, mask = _tile_offsets(tile, n_rows, n_cols, BLOCK_M, BLOCK_N)
     grad_out = _load(grad_out_ptr + rows * stride_grad_out + cols, mask, EVEN, LOAD_POLICY)
     gate = _load(gate_ptr + rows * stride_gate + cols, mask, EVEN, LOAD_POLICY)
-    up = _load(up_ptr + rows * stride_up + cols, mask, EVEN, LOAD_POLICY)
+    up = _load(up_ptr + up_col + rows * stride_up + cols, mask, EVEN, LOAD_POLICY)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     # d silu / d gate = sig + gate * sig * (1 - sig) = sig * (1 + gate * (1 - sig))
@@ -120,7 +129,7 @@ def _backward_tile(
     # Each element is loaded and stored by the same program, so the outputs may alias the inputs
     # element for element (the fused feed-forward backward writes in place).
     _store(grad_gate_ptr + rows * stride_grad_gate + cols, grad_gate, mask, EVEN)
-    _store(grad_up_ptr + rows * stride_grad_up + cols, grad_out * silu, mask, EVEN)
+    _store(grad_up_ptr + grad_up_col + rows * stride_grad_up + cols, grad_out * silu, mask, EVEN)
     if STORE_H:
         _store(h_ptr + rows * stride_h + cols, silu * up, mask, EVEN)
 
@@ -128,7 +137,7 @@ def _backward_tile(
 @triton.jit
 def _swiglu_backward_kernel(
     grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows, n_cols,
-    stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up, stride_h,
+    stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
     STORE_H: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -137,11 +146,12 @@ def _swiglu_backward_kernel(
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _backward_tile(tile, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows,
                            n_cols, stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up,
-                           stride_h, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY, STORE_H)
+                           stride_h, up_col, grad_up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY, STORE_H)
     else:
         _backward_tile(tl.program_id(0), grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr,
                        n_rows, n_cols, stride_grad_out, stride_gate, stride_up, stride_grad_gate,
-                       stride_grad_up, stride_h, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY, STORE_H)
+                       stride_grad_up, stride_h, up_col, grad_up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY,
+                       STORE_H)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,14 +169,19 @@ class SwiGLULaunchConfig:
         num_warps: warps per program.
         programs_per_sm: ``0`` launches one program per tile; ``k > 0`` launches at most
             ``k x (number of SMs)`` programs that loop over the tiles (a persistent grid).
-        evict_first: mark loads as streaming (``evict_first``): each input element is read once.
+        evict_first: mark loads as streaming (``evict_first``). Off by default: on an H100 the hint
+            cost 2-3% of bandwidth at every tile size measured.
+        flat: when every operand is contiguous (row stride = cols, no column offsets) and the
+            problem has under 2**31 elements, tile it as one row of ``rows * cols`` elements with
+            ``block_m * block_n``-element tiles: no partial column tiles. Otherwise ignored.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     programs_per_sm: int = 0
-    evict_first: bool = True
+    evict_first: bool = False
+    flat: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "num_warps"):
@@ -177,37 +192,51 @@ class SwiGLULaunchConfig:
             raise ValueError(f"SwiGLULaunchConfig.programs_per_sm must be >= 0, got {self.programs_per_sm}")
 
 
-# Columns-per-row buckets -> (widest BLOCK_N, elements per tile, num_warps). A tile of 4096 elements on
-# 4 warps gives each thread 32 elements: four 16-byte vectors per bf16 operand in flight, which keeps
-# HBM busy without spilling; the backward carries three operands and more arithmetic, so it gets more
-# warps per tile. Bucket keys are upper bounds on ``cols`` (None: no bound).
-FORWARD_TABLE: tuple[tuple[int | None, int, int, int], ...] = (
-    (256, 256, 2048, 4),
-    (1024, 1024, 4096, 4),
-    (None, 2048, 4096, 4),
+# Rows: (max_cols or None, min_elements, widest BLOCK_N, elements per tile, num_warps); the first row
+# whose bounds hold (cols <= max_cols, rows * cols >= min_elements) wins. From launch-configuration
+# sweeps on an H100 (bf16, `benchmarks/bench_swiglu.py --sweep`):
+#   forward  16384x14336: 16x512 tiles, 16 warps  (3,039 GB/s; 8192-element tiles on 16 warps all
+#            within 0.1%);  4096x11008: 2x1024 tiles, 8 warps (2,848 GB/s, partial last column tile).
+#   backward 16384x14336: 4x4096 tiles, 16 warps (3,031 GB/s);  4096x11008: 4x2048, 16 warps (2,923).
+# Large activations take bigger tiles (fewer programs, more bytes in flight per thread); medium ones
+# smaller tiles, so the grid still has many waves of programs.
+LARGE_ELEMENTS = 1 << 26
+FORWARD_TABLE: tuple[tuple[int | None, int, int, int, int], ...] = (
+    (256, 0, 256, 2048, 4),
+    (1024, 0, 1024, 4096, 4),
+    (None, LARGE_ELEMENTS, 512, 8192, 16),
+    (None, 0, 1024, 2048, 8),
 )
-BACKWARD_TABLE: tuple[tuple[int | None, int, int, int], ...] = (
-    (256, 256, 2048, 4),
-    (1024, 1024, 4096, 4),
-    (None, 2048, 4096, 8),
+BACKWARD_TABLE: tuple[tuple[int | None, int, int, int, int], ...] = (
+    (256, 0, 256, 2048, 4),
+    (1024, 0, 1024, 4096, 4),
+    (None, LARGE_ELEMENTS, 4096, 16384, 16),
+    (None, 0, 2048, 8192, 16),
 )
-# BLOCK_N is the widest power of two (down to MIN_BLOCK_N) dividing the row; failing that, narrowed
-# until a partial last column tile wastes under MAX_COLUMN_WASTE of the lanes.
+# BLOCK_N starts at the table's width (capped by the row) and is halved, down to MIN_BLOCK_N, while a
+# partial last column tile would leave more than MAX_COLUMN_WASTE of the lanes idle. Masked lanes move
+# no data; the sweeps found partial tiles of up to 1/7 idle lanes (14336 = 3.5 x 4096) no slower.
 MIN_BLOCK_N = 256
-MAX_COLUMN_WASTE = 1 / 16
+MAX_COLUMN_WASTE = 1 / 6
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _pick(table, n_rows: int, n_cols: int) -> SwiGLULaunchConfig:
-    _, widest, elements, num_warps = next(row for row in table if row[0] is None or n_cols <= row[0])
-    block_n = min(widest, triton.next_power_of_2(max(n_cols, 1)))
-    exact = block_n
-    while exact > MIN_BLOCK_N and n_cols % exact:
-        exact //= 2
-    if n_cols % exact == 0:
-        block_n = exact  # no partial column tile: the unmasked (EVEN) kernel when rows divide too
-    while block_n > MIN_BLOCK_N and triton.cdiv(n_cols, block_n) * block_n > n_cols * (1 + MAX_COLUMN_WASTE):
+    size = n_rows * n_cols
+    _, _, widest, elements, num_warps = next(
+        row for row in table if (row[0] is None or n_cols <= row[0]) and size >= row[1]
+    )
+    block_n = min(widest, _next_power_of_2(n_cols))
+    while block_n > MIN_BLOCK_N and _cdiv(n_cols, block_n) * block_n > n_cols * (1 + MAX_COLUMN_WASTE):
         block_n //= 2
-    block_m = max(1, min(elements // block_n, triton.next_power_of_2(max(n_rows, 1))))
+    block_m = max(1, min(elements // block_n, _next_power_of_2(n_rows)))
     return SwiGLULaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)
 
 
@@ -222,27 +251,155 @@ def backward_config(n_rows: int, n_cols: int) -> SwiGLULaunchConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Launchers
+# Launch plans (memoized per shape) and launchers
 # --------------------------------------------------------------------------------------------------
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    if device_index >= 0:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
     return 1  # interpreter: one "SM", so a persistent grid really loops
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+def _make_plan(config: SwiGLULaunchConfig, n_rows: int, n_cols: int, device_index: int,
+               store_h: bool | None) -> tuple[tuple[int, int, int], int, dict]:
+    """``(grid, num_warps, constexprs)`` of one launch; ``store_h`` is ``None`` for the forward kernel."""
+    n_tiles = _cdiv(n_rows, config.block_m) * _cdiv(n_cols, config.block_n)
+    grid, persistent = n_tiles, False
+    if config.programs_per_sm:
+        programs = config.programs_per_sm * _sm_count(device_index)
+        if programs < n_tiles:
+            grid, persistent = programs, True
+    meta = {
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "EVEN": n_rows % config.block_m == 0 and n_cols % config.block_n == 0,
+        "LOAD_POLICY": "evict_first" if config.evict_first else "",
+    }
+    if store_h is not None:
+        meta["STORE_H"] = store_h
+    meta["PERSISTENT"] = persistent
+    return (grid, 1, 1), config.num_warps, meta
 
 
-def _grid(config: SwiGLULaunchConfig, n_rows: int, n_cols: int, device: torch.device) -> tuple[int, bool]:
-    n_tiles = triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n)
-    if config.programs_per_sm == 0:
-        return n_tiles, False
-    programs = config.programs_per_sm * _sm_count(device)
-    return (n_tiles, False) if programs >= n_tiles else (programs, True)
+# Launch sites of the table's configurations, one per distinct problem (kernel kind, shape, strides,
+# column offsets, dtypes, device): a repeated call costs one dictionary lookup and a direct launch.
+# Table configurations are never persistent, so a plan does not depend on the SM count. Bounded:
+# cleared when a workload cycles through very many shapes.
+_SITES: dict[tuple, KernelLaunch] = {}
+_MAX_SITES = 4096
+
+
+def _new_site(key: tuple, kernel, store_h: bool | None, n_rows: int, n_cols: int,
+              device: int) -> KernelLaunch:
+    """A launch site for the table's configuration; ``store_h`` is ``None`` for the forward kernel."""
+    config = forward_config(n_rows, n_cols) if store_h is None else backward_config(n_rows, n_cols)
+    grid, num_warps, meta = _make_plan(config, n_rows, n_cols, device, store_h)
+    site = KernelLaunch(kernel, grid, num_warps, device=device, **meta)
+    if len(_SITES) >= _MAX_SITES:
+        _SITES.clear()
+    _SITES[key] = site
+    return site
+
+
+def _flattened(config: SwiGLULaunchConfig, n_rows: int, n_cols: int) -> tuple[SwiGLULaunchConfig, int, int]:
+    """``(config, rows, cols)`` of a contiguous problem tiled as one long row (``config.flat``)."""
+    size = n_rows * n_cols
+    if size >= 2**31:  # column offsets are 32-bit
+        return config, n_rows, n_cols
+    tile = config.block_m * config.block_n
+    return replace(config, block_m=1, block_n=tile, flat=False), 1, size
+
+
+def swiglu_forward_rows(
+    gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, n_rows: int, n_cols: int,
+    stride_gate: int, stride_up: int, stride_out: int, up_col: int = 0,
+    config: SwiGLULaunchConfig | None = None,
+) -> None:
+    """Launch the forward kernel on operands given as base tensors, row strides and column offsets.
+
+    Element ``(i, j)`` of ``gate`` is ``gate.data_ptr()[i * stride_gate + j]``, of ``up``
+    ``up.data_ptr()[up_col + i * stride_up + j]``, of ``out`` ``out.data_ptr()[i * stride_out + j]``
+    (in elements). Nothing is checked here: callers (the op layer, :func:`swiglu_forward`) have
+    validated shapes, dtypes, devices and strides. Nothing is launched for an empty problem.
+    """
+    if n_rows == 0 or n_cols == 0:
+        return
+    device = gate.get_device()
+    switch = device >= 0 and device != torch.cuda.current_device()
+    if config is None:
+        args = (gate, up, out, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col)
+        key = (None, args[3:], gate.dtype, up.dtype, out.dtype, device)
+        site = _SITES.get(key) or _new_site(key, _swiglu_forward_kernel, None, n_rows, n_cols, device)
+        # the rest of what Triton specializes on: the operands' 16-byte alignment
+        align = (gate.data_ptr() & 15) | (up.data_ptr() & 15) << 4 | (out.data_ptr() & 15) << 8
+        if switch:
+            with torch.cuda.device(device):
+                site(args, align)
+        else:
+            site(args, align)
+        return
+    if config.flat and up_col == 0 and stride_gate == stride_up == stride_out == n_cols:
+        config, n_rows, n_cols = _flattened(config, n_rows, n_cols)
+    grid, num_warps, meta = _make_plan(config, n_rows, n_cols, device, None)
+    args = (gate, up, out, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col)
+    if switch:
+        with torch.cuda.device(device):
+            launch(_swiglu_forward_kernel, grid, args, num_warps, **meta)
+    else:
+        launch(_swiglu_forward_kernel, grid, args, num_warps, **meta)
+
+
+def swiglu_backward_rows(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, grad_gate: torch.Tensor,
+    grad_up: torch.Tensor, h_out: torch.Tensor, n_rows: int, n_cols: int, stride_grad_out: int,
+    stride_gate: int, stride_up: int, stride_grad_gate: int, stride_grad_up: int, stride_h: int,
+    up_col: int = 0, grad_up_col: int = 0, store_h: bool = False,
+    config: SwiGLULaunchConfig | None = None,
+) -> None:
+    """Launch the backward kernel on operands given as base tensors, row strides and column offsets.
+
+    Addressing as in :func:`swiglu_forward_rows`; ``up_col`` offsets ``up`` and ``grad_up_col``
+    offsets ``grad_up``. ``h_out`` is written only when ``store_h`` (pass any tensor otherwise).
+    Nothing is checked here. Nothing is launched for an empty problem.
+    """
+    if n_rows == 0 or n_cols == 0:
+        return
+    device = gate.get_device()
+    switch = device >= 0 and device != torch.cuda.current_device()
+    if config is None:
+        args = (grad_out, gate, up, grad_gate, grad_up, h_out, n_rows, n_cols, stride_grad_out, stride_gate,
+                stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col)
+        key = (store_h, args[6:], grad_out.dtype, gate.dtype, up.dtype, grad_gate.dtype, grad_up.dtype,
+               h_out.dtype, device)
+        site = _SITES.get(key) or _new_site(key, _swiglu_backward_kernel, store_h, n_rows, n_cols, device)
+        align = (
+            (grad_out.data_ptr() & 15) | (gate.data_ptr() & 15) << 4 | (up.data_ptr() & 15) << 8
+            | (grad_gate.data_ptr() & 15) << 12 | (grad_up.data_ptr() & 15) << 16
+            | (h_out.data_ptr() & 15) << 20
+        )
+        if switch:
+            with torch.cuda.device(device):
+                site(args, align)
+        else:
+            site(args, align)
+        return
+    if (
+        config.flat
+        and up_col == grad_up_col == 0
+        and stride_grad_out == stride_gate == stride_up == stride_grad_gate == stride_grad_up == n_cols
+        and (stride_h == n_cols or not store_h)
+    ):
+        config, n_rows, n_cols = _flattened(config, n_rows, n_cols)
+    grid, num_warps, meta = _make_plan(config, n_rows, n_cols, device, store_h)
+    args = (grad_out, gate, up, grad_gate, grad_up, h_out, n_rows, n_cols, stride_grad_out, stride_gate,
+            stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col)
+    if switch:
+        with torch.cuda.device(device):
+            launch(_swiglu_backward_kernel, grid, args, num_warps, **meta)
+    else:
+        launch(_swiglu_backward_kernel, grid, args, num_warps, **meta)
 
 
 def _check_operand(name: str, t: torch.Tensor, shape: tuple[int, int]) -> None:
@@ -275,20 +432,10 @@ def swiglu_forward(
     _check_operand("gate", gate, (n_rows, n_cols))
     _check_operand("up", up, (n_rows, n_cols))
     if out is None:
-        out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+        out = gate.new_empty((n_rows, n_cols))
     _check_operand("out", out, (n_rows, n_cols))
-    if n_rows == 0 or n_cols == 0:
-        return out
-    config = config or forward_config(n_rows, n_cols)
-    grid, persistent = _grid(config, n_rows, n_cols, gate.device)
-    even = n_rows % config.block_m == 0 and n_cols % config.block_n == 0
-    with _device_guard(gate.device):
-        _swiglu_forward_kernel[(grid,)](
-            gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, EVEN=even,
-            LOAD_POLICY="evict_first" if config.evict_first else "", PERSISTENT=persistent,
-            num_warps=config.num_warps,
-        )
+    swiglu_forward_rows(gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
+                        config=config)
     return out
 
 
@@ -332,30 +479,21 @@ def swiglu_backward(
     _check_operand("gate", gate, shape)
     _check_operand("up", up, shape)
     if grad_gate is None:
-        grad_gate = torch.empty(shape, dtype=gate.dtype, device=gate.device)
+        grad_gate = gate.new_empty(shape)
     if grad_up is None:
-        grad_up = torch.empty(shape, dtype=gate.dtype, device=gate.device)
+        grad_up = gate.new_empty(shape)
     _check_operand("grad_gate", grad_gate, shape)
     _check_operand("grad_up", grad_up, shape)
     if store_h:
         if h_out is None:
-            h_out = torch.empty(shape, dtype=gate.dtype, device=gate.device)
+            h_out = gate.new_empty(shape)
         _check_operand("h_out", h_out, shape)
     else:
         h_out = None
-    if n_rows == 0 or n_cols == 0:
-        return grad_gate, grad_up, h_out
-    config = config or backward_config(n_rows, n_cols)
-    grid, persistent = _grid(config, n_rows, n_cols, gate.device)
-    even = n_rows % config.block_m == 0 and n_cols % config.block_n == 0
     h_arg = h_out if h_out is not None else grad_gate  # never written when STORE_H is False
-    with _device_guard(gate.device):
-        _swiglu_backward_kernel[(grid,)](
-            grad_out, gate, up, grad_gate, grad_up, h_arg, n_rows, n_cols,
-            grad_out.stride(0), gate.stride(0), up.stride(0), grad_gate.stride(0), grad_up.stride(0),
-            h_arg.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, EVEN=even,
-            LOAD_POLICY="evict_first" if config.evict_first else "", STORE_H=store_h,
-            PERSISTENT=persistent, num_warps=config.num_warps,
-        )
+    swiglu_backward_rows(
+        grad_out, gate, up, grad_gate, grad_up, h_arg, n_rows, n_cols, grad_out.stride(0), gate.stride(0),
+        up.stride(0), grad_gate.stride(0), grad_up.stride(0), h_arg.stride(0), store_h=bool(store_h),
+        config=config,
+    )
     return grad_gate, grad_up, h_out

@@ -1,0 +1,167 @@
+"""The shared direct-launch helper (rotalabs_accel/triton_kernels/_launch.py).
+
+The cache may reuse a compiled kernel only for arguments Triton would specialize identically; a
+refused direct launch must fall back to Triton's own path for good. Stand-ins for Triton's kernel
+objects check the mechanics on any machine; a real kernel checks the results under the interpreter
+(CPU) or on CUDA, including tensors that are not 16-byte aligned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import cuda_available, kernel_devices
+
+launch_module = pytest.importorskip("rotalabs_accel.triton_kernels._launch")
+
+
+def test_arg_key_separates_every_specialization():
+    # Tensor dtype and 16-byte alignment, integers equal to 1, divisible by 16 or wide, and None (a
+    # constexpr to Triton) against a float (a runtime fp32).
+    key = launch_module.arg_key
+    base = torch.empty(64, dtype=torch.bfloat16)
+    keys = {
+        key((base, 4096)),
+        key((base[1:], 4096)),  # 2-byte offset: not 16-byte aligned
+        key((base[4:], 4096)),  # 8-byte offset: finer than Triton's classes, still apart
+        key((base.float(), 4096)),
+        key((base, 1)),
+        key((base, 17)),
+        key((base, 2**31)),
+        key((base, 2**63)),
+        key((base, None)),
+        key((base, 0.5)),
+        key((base, True)),
+    }
+    assert len(keys) == 11
+    # ... and the same key for arguments that specialize alike.
+    assert key((base, 4096, 1e-6)) == key((base[8:], 8192, 3.0))
+    assert key((base, 5)) == key((base, 21))
+
+
+class _OnGpu:
+    """Stands for a CUDA tensor as the first argument: only its device is read."""
+
+    def get_device(self):
+        return 0
+
+
+class _Compiled:
+    def __init__(self):
+        self.calls, self.refuse = [], False
+
+    def __getitem__(self, grid):
+        def run(*args, stream=None):
+            if self.refuse:
+                raise TypeError("launcher takes a different argument list")
+            self.calls.append((grid, args, stream))
+
+        return run
+
+
+class _Kernel:
+    arg_names = ["X", "n", "A", "B"]
+
+    def __init__(self):
+        self.compiled, self.jit_calls = _Compiled(), []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            return self.compiled
+
+        return run
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(launch_module, "_COMPILED", {})
+    monkeypatch.setattr(launch_module, "_direct_launch_ok", True)
+    monkeypatch.setattr(launch_module, "_current_stream", lambda device: 100 + device)
+    return launch_module
+
+
+def test_launch_reuses_the_compiled_kernel(fresh_cache):
+    # The first call goes through `kernel[grid](...)`; later ones through the compiled kernel with the
+    # constexprs appended in signature order and the device's current stream, on any grid.
+    k = fresh_cache
+    kernel, x = _Kernel(), _OnGpu()
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    k.launch(kernel, (5, 2), (x, 32), 8, B=2, A=1)
+    k.launch(kernel, [5, 2], (x, 48), 8, B=2, A=1)
+    assert len(kernel.jit_calls) == 1 and kernel.jit_calls[0][2] == {"B": 2, "A": 1, "num_warps": 8}
+    assert kernel.compiled.calls == [((5, 2, 1), (x, 32, 1, 2), 100), ((5, 2, 1), (x, 48, 1, 2), 100)]
+    k.launch(kernel, (4,), (x, 17), 8, B=2, A=1)  # 17 specializes differently from 16: Triton's path
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1, num_stages=None)
+    assert len(kernel.jit_calls) == 2
+    k.launch(kernel, (4,), (x, 16), 4, B=2, A=1)  # other launch options: another compiled kernel
+    k.launch(kernel, (4,), (x, 16), 8, A=2, B=1)  # same values under other names: another kernel
+    assert len(kernel.jit_calls) == 4
+
+
+def test_launch_falls_back_for_good_when_refused(fresh_cache):
+    k = fresh_cache
+    kernel, x = _Kernel(), _OnGpu()
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    kernel.compiled.refuse = True
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    assert not k.direct_launch_enabled() and len(kernel.jit_calls) == 2
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    assert len(kernel.jit_calls) == 3 and not k._COMPILED
+
+
+def test_kernel_launch_mechanics(fresh_cache):
+    k = fresh_cache
+    kernel, x = _Kernel(), _OnGpu()
+    site = k.KernelLaunch(kernel, (3,), 4, num_stages=2, device=1, B=5, A=6)
+    site((x, 16), key=0)
+    site((x, 16), key=0)
+    site((x, 16), key=("other alignment",))
+    assert [c[2] for c in kernel.jit_calls] == [{"B": 5, "A": 6, "num_warps": 4, "num_stages": 2}] * 2
+    assert kernel.compiled.calls == [((3, 1, 1), (x, 16, 6, 5), 101)]
+    kernel.compiled.refuse = True
+    site((x, 16), key=0)
+    assert not k.direct_launch_enabled() and len(kernel.jit_calls) == 3
+    # CPU tensors (the interpreter) always take Triton's path.
+    cpu_kernel = _Kernel()
+    k.KernelLaunch(cpu_kernel, (1,), 4, device=-1, A=0, B=0)((x, 1))
+    assert len(cpu_kernel.jit_calls) == 1
+
+
+def _copy_kernel():
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+
+    @triton.jit
+    def copy_scaled(X, Y, n, scale, BLOCK: tl.constexpr, NEGATE: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + cols, mask=cols < n, other=0.0)
+        if NEGATE:
+            x = -x
+        tl.store(Y + cols, x * scale, mask=cols < n)
+
+    return copy_scaled
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+def test_real_kernel_through_both_doors(device):
+    # Alternate aligned and misaligned inputs and outputs: every launch computes the right thing.
+    kernel = _copy_kernel()
+    base = torch.randn(300, device=device)
+    out = torch.zeros(300, device=device)
+    index = base.get_device()
+    cases = [(0, 256), (1, 255), (3, 97), (4, 256), (0, 1)]
+    # One KernelLaunch per size (its integer arguments are fixed), reused across alignments.
+    sites = {n: launch_module.KernelLaunch(kernel, ((n + 63) // 64,), 4, device=index, BLOCK=64, NEGATE=True)
+             for _, n in cases}
+    for _ in range(2):
+        for start, n in cases:
+            x, y = base[start:start + n], out[start:start + n]
+            launch_module.launch(kernel, ((n + 63) // 64,), (x, y, n, 2.0), 4, BLOCK=64, NEGATE=False)
+            torch.testing.assert_close(y, 2.0 * x)
+            sites[n]((x, y, n, 0.5), (x.data_ptr() & 15, y.data_ptr() & 15))
+            torch.testing.assert_close(y, -0.5 * x)
+    if cuda_available():
+        assert launch_module.direct_launch_enabled(), "this Triton refused the direct launch"
