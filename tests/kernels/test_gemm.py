@@ -103,9 +103,12 @@ def test_w8a16_group_scales(device, kernel, group_size):
 @pytest.mark.parametrize(
     "kernel, config, group_size",
     [
-        ("gemv", dict(block_m=1, block_n=8, block_k=16, split_k=4), None),
-        ("gemv", dict(block_m=1, block_n=8, block_k=16, split_k=3), 32),
-        ("gemv", dict(block_m=4, block_n=8, block_k=32, split_k=2), 16),
+        ("gemv", dict(block_n=8, block_k=16, split_k=4, num_stages=2), None),
+        ("gemv", dict(block_n=8, block_k=16, split_k=3), 32),
+        # a K block of 64 covering four groups of 16: the per-group partial sums inside one block
+        ("gemv", dict(block_n=4, block_k=64, split_k=2, num_warps=2), 16),
+        # 48 is no power of two: the block shrinks to 16, a divisor of the group
+        ("gemv", dict(block_n=16, block_k=64, split_k=1, num_stages=1), 48),
         ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=5, swap_ab=False), None),
         ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=3, swap_ab=True), 32),
         ("gemm", dict(block_m=16, block_n=16, block_k=32, group_m=2, swap_ab=False), None),
@@ -124,6 +127,90 @@ def test_w8a16_explicit_configs(device, kernel, config, group_size):
     _check_w8a16(out, x, q, s, b, group_size)
     # deterministic: split-K partial sums are reduced in a fixed order, without atomics
     assert torch.equal(out, w8a16_linear(x, q, s, b, group_size, kernel, cfg))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("kernel", W8A16_KERNELS)
+def test_every_int8_value_converts_exactly(device, kernel):
+    """All 256 int8 values (-128 too, which a user-made weight may hold) reach the product exactly.
+
+    The GEMV (and the fp32 tensor-core path) convert int8 to fp32 with integer bit operations: a wrong
+    bias or sign handling would shift every value by a constant. x is one-hot, so each output is
+    ``q[n, j] * s[n]``, one fp32 rounding of exact factors, which the reference computes identically.
+    """
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+    from rotalabs_accel.triton_kernels.int8_gemm import w8a16_linear
+
+    q = torch.randint(-128, 128, (256, 32), dtype=torch.int8, device=device)
+    q[:, 5] = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8)
+    s = torch.rand(256, device=device) + 0.5
+    x = torch.zeros(2, 32, device=device)
+    x[0, 5] = 1.0
+    x[1, 30] = 1.0
+    cfg = GemvConfig(64, 32) if kernel == "gemv" else DotConfig(16, 64, 32)
+    out = w8a16_linear(x, q, s, None, None, kernel, cfg)
+    expected = torch.stack([q[:, 5].float() * s, q[:, 30].float() * s])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+def test_launch_plans_are_reused_and_follow_the_tables(device, monkeypatch):
+    """A problem size resolves its variant and tiles once; clear_plans() picks up edited tables."""
+    from rotalabs_accel.triton_kernels import int8_config
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+
+    x, q, s, b = _problem(1, 24, 64, torch.float16, device=device)
+    kernels.clear_plans()
+    first = kernels.w8a16_linear(x, q, s, b)
+    assert len(kernels._PLANS) == 1
+    (plan,) = kernels._PLANS.values()
+    assert plan[0].kernel is kernels._w8a16_gemv_kernel  # M = 1: the GEMV
+    assert torch.equal(kernels.w8a16_linear(x, q, s, b), first)
+    assert len(kernels._PLANS) == 1
+    # a tuned entry for this exact shape sends "auto" to another variant once the plans are cleared
+    tuned = dict(int8_config.TUNED)
+    tuned[("auto", "1", 24, 64)] = ("gemm", int8_config.DotConfig(16, 32, 32))
+    monkeypatch.setattr(int8_config, "TUNED", tuned)
+    kernels.clear_plans()
+    out = kernels.w8a16_linear(x, q, s, b)
+    (plan,) = kernels._PLANS.values()
+    assert plan[0].kernel is kernels._w8a16_dot_kernel
+    _check_w8a16(out, x, q, s, b)
+    kernels.clear_plans()
+
+
+def test_launch_heuristics():
+    """Split-K only where the grid is short of programs, bounded by the partial sums' traffic."""
+    from rotalabs_accel.triton_kernels.int8_config import (
+        DotConfig,
+        choose_split_k,
+        group_block,
+        resolve_w8a16,
+        select_w8a16,
+    )
+
+    # decode on a 132-SM GPU: 1024 GEMV programs fill it, 256 do not
+    assert select_w8a16(1, 4096, 4096, None, "auto", 132, False)[1].split_k == 1
+    variant, cfg = select_w8a16(1, 1024, 4096, None, "auto", 132, False)
+    assert variant == "gemv" and cfg.split_k == 2
+    # a short grid splits, but never beyond a quarter of the weight's bytes in partial sums
+    assert choose_split_k(64, 64, 132, fill=2, m=16, k=4096) == 4
+    assert choose_split_k(64, 64, 132, fill=2, m=128, k=4096) == 1
+    # the dispatcher's split-K variant may resolve to no split; a forced one always splits
+    assert select_w8a16(16, 14336, 4096, None, "auto", 132, False)[1].split_k == 1
+    forced = resolve_w8a16("splitk", DotConfig(16, 32, 256, split_k=0), 16, 14336, 4096,
+                           group_size=None, sm_count=132, fp32=False)
+    assert forced.split_k >= 2
+    # group scales: power-of-two groups may share a K block, other sizes shrink the block
+    assert group_block(1024, 128) == (1024, 128)
+    assert group_block(64, 48) == (16, 16)
+    assert group_block(512, None) == (512, 512)
+    # group scales keep a second accumulator: big MMA tiles shrink so it fits in registers
+    big = resolve_w8a16("gemm", DotConfig(256, 128, 64, num_warps=8), 4096, 4096, 4096,
+                        group_size=128, sm_count=132, fp32=False)
+    assert big.block_m * big.block_n <= 64 * 32 * 8
 
 
 @pytest.mark.interpreter
@@ -406,7 +493,9 @@ def test_gpu_issue_shapes_every_kernel(n, k, m, group_size, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_gpu_dtypes_and_odd_shapes(dtype):
-    for m, n, k in [(1, 4099, 1000), (7, 333, 4100), (130, 1000, 777), (1500, 515, 2048)]:
+    # (33, 257, 14336): a long K, where an fp32 sum over all of K in one FMA chain would be several
+    # times less accurate than cuBLAS's fp32 GEMM (the kernels add BLOCK_K chains with compensation)
+    for m, n, k in [(1, 4099, 1000), (7, 333, 4100), (130, 1000, 777), (1500, 515, 2048), (33, 257, 14336)]:
         for group_size in (None, 64):
             x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
             for kernel in ("auto", "gemv", "splitk", "gemm"):

@@ -70,6 +70,14 @@ def test_autograd_function_gradients(device):
     # no input needs a gradient: nothing is saved, backward is never built
     with torch.no_grad():
         assert int8_ops.int8_linear(x, q, s, b, 32, False, "gemv").grad_fn is None
+    x0, b0 = x.detach(), b.detach()
+    assert int8_ops.int8_linear(x0, q, s, b0, 32, False, "gemv").grad_fn is None
+    # only the bias needs one: the autograd path, and the bias gradient is the column sum
+    b1 = b0.clone().requires_grad_()
+    out = int8_ops.int8_linear(x0, q, s, b1, 32, False, "gemv")
+    assert out.grad_fn is not None
+    out.backward(dy)
+    torch.testing.assert_close(b1.grad, dy.sum(0))
 
 
 @pytest.mark.compile

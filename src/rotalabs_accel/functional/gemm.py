@@ -25,33 +25,37 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _validate(x, weight_int8, scale, bias, group_size, mode, kernel) -> None:
+    # Called on every decode step: the common case costs a few attribute reads; each failure names the
+    # argument, what was expected and what came.
     op = "int8_gemm"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"{op}: x must be a floating-point tensor, got {got}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least one dimension [..., K], got a 0-d tensor")
     if not isinstance(weight_int8, torch.Tensor) or weight_int8.dtype != torch.int8:
         got = weight_int8.dtype if isinstance(weight_int8, torch.Tensor) else type(weight_int8).__name__
         raise TypeError(f"{op}: weight_int8 must be an int8 tensor, got {got}")
-    if weight_int8.dim() != 2:
-        raise ValueError(f"{op}: weight_int8 must be 2-D [N, K], got shape {tuple(weight_int8.shape)}")
-    n, k = weight_int8.shape
-    if x.shape[-1] != k:
+    w_shape = weight_int8.shape
+    if len(w_shape) != 2:
+        raise ValueError(f"{op}: weight_int8 must be 2-D [N, K], got shape {tuple(w_shape)}")
+    n, k = w_shape
+    x_shape = x.shape
+    if not x_shape:
+        raise ValueError(f"{op}: x must have at least one dimension [..., K], got a 0-d tensor")
+    if x_shape[-1] != k:
         raise ValueError(
             f"{op}: x's last dimension must equal weight_int8.shape[1] = {k} (in_features), got x of shape "
-            f"{tuple(x.shape)}"
+            f"{tuple(x_shape)}"
         )
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
         got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
         raise TypeError(f"{op}: scale must be a floating-point tensor, got {got}")
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"{op}: group_size must be a positive int or None, got {group_size!r}")
-        expected = (n, -(-k // group_size))
-    else:
+    if group_size is None:
         expected = (n,)
-    if tuple(scale.shape) != expected:
+    elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{op}: group_size must be a positive int or None, got {group_size!r}")
+    else:
+        expected = (n, -(-k // group_size))
+    if scale.shape != expected:
         hint = "" if group_size is not None or scale.dim() != 2 else " (a 2-D scale needs group_size)"
         raise ValueError(
             f"{op}: scale must have shape {list(expected)} for weight [{n}, {k}] and "
@@ -61,8 +65,16 @@ def _validate(x, weight_int8, scale, bias, group_size, mode, kernel) -> None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise TypeError(f"{op}: bias must be a floating-point tensor or None, got {got}")
-        if tuple(bias.shape) != (n,):
+        if bias.shape != (n,):
             raise ValueError(f"{op}: bias must have shape [{n}] (out_features), got {list(bias.shape)}")
+    if mode != "auto" or kernel != "auto":
+        _validate_choice(op, mode, kernel, group_size)
+    device = x.device
+    if weight_int8.device != device or scale.device != device or (bias is not None and bias.device != device):
+        check_same_device(op, x=x, weight_int8=weight_int8, scale=scale, bias=bias)
+
+
+def _validate_choice(op: str, mode, kernel, group_size) -> None:
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
     if kernel not in KERNELS:
@@ -73,18 +85,19 @@ def _validate(x, weight_int8, scale, bias, group_size, mode, kernel) -> None:
         raise ValueError(f"{op}: kernel={kernel!r} is a W8A16 kernel and contradicts mode='w8a8'")
     if group_size is not None and (mode == "w8a8" or kernel == "w8a8"):
         raise ValueError(f"{op}: W8A8 needs per-channel weight scales; got group_size={group_size}")
-    check_same_device(op, x=x, weight_int8=weight_int8, scale=scale, bias=bias)
 
 
 def _uses_w8a8(mode: str, kernel: str, rows: int, group_size: int | None) -> bool:
     if mode == "w8a8" or kernel == "w8a8":
         return True
-    if mode == "w8a16" or kernel != "auto" or group_size is not None or W8A8_AUTO_MIN_TOKENS is None:
+    if W8A8_AUTO_MIN_TOKENS is None or mode == "w8a16" or kernel != "auto" or group_size is not None:
         return False
     return rows >= W8A8_AUTO_MIN_TOKENS
 
 
 def _kernel_reason(x: torch.Tensor, k: int, group_size: int | None, w8a8: bool) -> str | None:
+    if group_size is None and not w8a8 and x.dtype in _KERNEL_DTYPES:
+        return None
     if x.dtype not in _KERNEL_DTYPES:
         return f"the kernels take fp16, bf16 or fp32 activations, not {x.dtype}"
     if group_size is not None and group_size % 16:
@@ -165,30 +178,35 @@ def int8_gemm(
 
 def _int8_gemm(x, weight_int8, scale, bias, group_size, mode, kernel):
     n, k = weight_int8.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    rows = x2.shape[0]
+    lead = None
+    if x.dim() != 2:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, k)
+    rows = x.shape[0]
     w8a8 = _uses_w8a8(mode, kernel, rows, group_size)
     if rows == 0:
         # no rows, nothing to launch; keeps the autograd connection to x
-        return (x2[:, :0] @ x2.new_zeros((0, n))).reshape(*lead, n)
+        out = x[:, :0] @ x.new_zeros((0, n))
+        return out if lead is None else out.reshape(*lead, n)
     backend = select_backend(
         "int8_gemm", x, weight_int8, scale, bias, kernel_reason=_kernel_reason(x, k, group_size, w8a8)
     )
     if backend == "torch":
         if w8a8:
-            return w8a8_linear_reference(x, weight_int8, scale, bias)
-        return int8_linear_reference(x, weight_int8, scale, bias, group_size)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()  # K-contiguous rows give the kernels full-width vector loads
+            out = w8a8_linear_reference(x, weight_int8, scale, bias)
+        else:
+            out = int8_linear_reference(x, weight_int8, scale, bias, group_size)
+        return out if lead is None else out.reshape(*lead, n)
+    if x.stride(-1) != 1:
+        x = x.contiguous()  # K-contiguous rows give the kernels full-width vector loads
     if scale.dtype != torch.float32:
         scale = scale.float()
     gs = group_size or 0
     if torch.compiler.is_compiling():
         if w8a8:
-            out = torch.ops.rotalabs_accel.int8_linear_w8a8(x2, weight_int8, scale, bias)
+            out = torch.ops.rotalabs_accel.int8_linear_w8a8(x, weight_int8, scale, bias)
         else:
-            out = torch.ops.rotalabs_accel.int8_linear(x2, weight_int8, scale, bias, gs, kernel)
+            out = torch.ops.rotalabs_accel.int8_linear(x, weight_int8, scale, bias, gs, kernel)
     else:
-        out = _ops.int8_linear(x2, weight_int8, scale, bias, gs, w8a8, kernel)
-    return out.reshape(*lead, n)
+        out = _ops.int8_linear(x, weight_int8, scale, bias, gs, w8a8, kernel)
+    return out if lead is None else out.reshape(*lead, n)

@@ -32,7 +32,7 @@ def _kernels():
 
 
 def _launch(x, weight, scale, bias, group_size: int, w8a8: bool, kernel: str) -> torch.Tensor:
-    k = _kernels()
+    k = _kernel_module or _kernels()
     if w8a8:
         return k.w8a8_linear(x, weight, scale, bias)
     return k.w8a16_linear(x, weight, scale, bias, group_size or None, kernel)
@@ -75,8 +75,15 @@ def int8_linear(
     w8a8: bool,
     kernel: str,
 ) -> torch.Tensor:
-    """Eager entry point (validated 2-D inputs; ``group_size`` 0 means per-channel scales)."""
-    return Int8LinearFunction.apply(x, weight, scale, bias, group_size, w8a8, kernel)
+    """Eager entry point (validated 2-D inputs; ``group_size`` 0 means per-channel scales).
+
+    Without a gradient to track (inference, or no input requiring one) the launcher is called
+    directly: the autograd node would record nothing, and building it costs microseconds per call,
+    a sizeable share of a decode step's kernel time.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return Int8LinearFunction.apply(x, weight, scale, bias, group_size, w8a8, kernel)
+    return _launch(x, weight, scale, bias, group_size, w8a8, kernel)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def quantize_weight_per_channel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a linear weight ``[out_features, in_features]`` with one scale per output channel.
 
-    The computation runs on ``weight``'s device a bounded chunk of rows at a time (about 64 MiB of
+    The computation runs on ``weight``'s device a bounded chunk of rows at a time (about 32 MiB of
     fp32 temporaries whatever the weight's size).
 
     Args:
@@ -322,7 +322,7 @@ def quantize_model(
 
     Each layer is quantized on its own device and swapped in before the next is touched, and the model
     keeps no reference to the float layer afterwards, so a model on the GPU never holds the float and
-    the int8 copies of more than one layer at once (nor more than ~64 MiB of temporaries). A layer
+    the int8 copies of more than one layer at once (nor more than ~32 MiB of temporaries). A layer
     shared by several parents is converted once and stays shared.
 
     Only modules whose type is exactly ``nn.Linear`` are converted: subclasses may carry behavior of

@@ -41,10 +41,10 @@ AMAX_FLOOR = 2.0**-64
 # int32 accumulation of K products of int8 values (|q| <= 127) stays exact up to this K.
 W8A8_MAX_K = (2**31 - 1) // (INT8_MAX * INT8_MAX)
 
-# Rows of a weight quantized at once by quantize_weight_reference: bounds the fp32 temporaries to about
-# 64 MiB whatever the layer's size, so quantizing a model on the GPU never needs a float copy of a
-# whole weight beside the original.
-_CHUNK_BYTES = 64 * 1024**2
+# Rows of a weight quantized at once by quantize_weight_reference, as fp32 bytes: the temporaries (two
+# fp32 copies of a chunk) stay near 32 MiB whatever the layer's size, so quantizing a model on the GPU
+# never needs a float copy of a whole weight beside the original.
+_CHUNK_BYTES = 16 * 1024**2
 
 
 def _quantize_last_dim(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,8 @@ def _quantize_last_dim(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # through a reciprocal multiply: both can differ in the last bit.)
     int8_max = torch.full_like(amax, INT8_MAX)
     inv = int8_max / amax
-    q = torch.round(v * inv.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    # in place on the product (a fresh tensor): one fp32 temporary besides v
+    q = (v * inv.unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, amax / int8_max
 
 

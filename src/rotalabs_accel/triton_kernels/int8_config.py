@@ -9,14 +9,24 @@ How a configuration is chosen for ``out[M, N] = x[M, K] @ W[N, K]^T``:
    falls in a bucket whose tiles are fixed.
 2. The variant: the caller's ``kernel=`` override, else ``AUTO_KERNEL[bucket]``.
 3. The tiles: ``TUNED[(variant, bucket, N, K)]`` when the exact weight shape was measured (the
-   benchmark's ``--sweep`` prints lines in that form), else ``DEFAULTS[variant][bucket]``. Selections
-   are cached per problem size: edit the tables before the first launch (or call
-   ``select_w8a16.cache_clear()``).
+   benchmark's ``--sweep`` prints lines in that form), else ``DEFAULTS[variant][bucket]``. The
+   launchers remember the resolved plan per problem size: edit the tables before the first launch (or
+   call ``rotalabs_accel.triton_kernels.int8_gemm.clear_plans()``).
 4. ``split_k == 0`` in a table entry means "choose the split from the shape": the smallest power of two
-   that gives at least ``FILL_WAVES`` programs per SM (decode is bound by how many weight bytes are in
-   flight, so the grid must cover every SM several times).
+   that gives the grid enough programs (decode is bound by how many weight bytes are in flight, so the
+   grid must cover every SM), while the fp32 partial sums stay a small fraction of the weight's bytes.
 5. Tiles are clamped to the problem (no 256-wide tile for N = 40) and to the group size (a K block never
-   straddles two scale groups).
+   straddles two scale groups unless it covers whole groups).
+
+The variants:
+
+* ``gemv``: one row of ``x`` per program, the weight streamed through a software pipeline
+  (``num_stages`` tiles in flight) with 16-byte loads, fp32 multiply-adds on CUDA cores; the decode
+  kernel (M = 1), where the time is the weight's bytes over the memory bandwidth.
+* ``splitk``: the tensor-core kernel with the K dimension shared by ``split_k`` programs, whose fp32
+  partial sums a second kernel reduces in a fixed order. Chosen automatically for small and medium M,
+  where the output has too few tiles to occupy the GPU; its split is then 1 when the tiles suffice.
+* ``gemm``: the tensor-core kernel with one program per output tile (prefill).
 """
 
 from __future__ import annotations
@@ -37,17 +47,23 @@ __all__ = [
     "W8A8_DEFAULTS",
     "TUNED",
     "choose_split_k",
+    "group_block",
     "select_w8a16",
+    "resolve_w8a16",
     "select_w8a8",
+    "resolve_w8a8",
     "select_quant",
 ]
 
 M_BUCKETS = ("1", "16", "64", "256", "big")
 W8A16_KERNELS = ("gemv", "splitk", "gemm")
 
-# Programs per SM the split-K heuristic aims for: three 4-warp programs per SM keep about
-# 3 x 128 threads x 64 B of int8 loads in flight, near the H100's latency-bandwidth product per SM.
-FILL_WAVES = 3
+# Programs per SM the split heuristic aims for. GEMV: several small programs per SM keep enough
+# 16-byte loads in flight to cover the memory latency. Tensor-core kernels: two larger tiles per SM,
+# each with a multi-stage pipeline of its own (small M, whose grid has few output tiles; the
+# partial-sum bound below keeps larger M from splitting).
+GEMV_FILL = 4
+DOT_FILL = 2
 MAX_SPLIT_K = 16
 # Split-K writes and re-reads split x M x N fp32 partial sums: keep that traffic under a quarter of the
 # weight's N x K bytes (split x M x 8 <= K / 4).
@@ -56,18 +72,19 @@ PARTIAL_TRAFFIC_FRACTION = 4
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tiles of the GEMV kernel (elementwise multiply-accumulate, no tensor cores).
+    """Tiles of the GEMV kernel (elementwise multiply-accumulate on CUDA cores, one row of x each).
 
-    ``block_m`` rows of x share each weight tile; ``split_k`` programs share each row of W, their fp32
-    partial sums reduced in a fixed order by a second kernel (0: chosen from the shape).
+    Each program streams a ``[block_n, block_k]`` int8 tile per step through a ``num_stages``-deep
+    pipeline; ``split_k`` programs share each row of W, their fp32 partial sums reduced in a fixed order
+    by a second kernel (0: chosen from the shape). Loads are 16 bytes wide when
+    ``block_n * block_k >= 16 * 32 * num_warps``.
     """
 
-    block_m: int
     block_n: int
     block_k: int
     split_k: int = 0
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 4
 
 
 @dataclass(frozen=True)
@@ -75,8 +92,10 @@ class DotConfig:
     """Tiles of the tensor-core kernels (``tl.dot``).
 
     ``swap_ab`` computes ``out^T = W @ x^T``: the dequantized weight becomes the MMA's left operand,
-    which Hopper's wgmma can read straight from registers (no shared-memory round trip for the int8 to
-    bf16 conversion), and a small M becomes the MMA's narrow N dimension.
+    which Hopper's wgmma reads from registers, and M becomes the MMA's N dimension (any multiple of 8
+    up to 256). Without it the converted weight tile is written to shared memory for the MMA's right
+    operand: fewer instructions per weight element (the register fragment of a wgmma operand costs
+    2-byte shared loads and byte permutes), one more shared-memory pass.
     ``group_m`` row blocks walk the weight's column blocks together so a weight tile is reused from L2.
     """
 
@@ -102,32 +121,40 @@ AUTO_KERNEL: dict[str, str] = {
     "1": "gemv",
     "16": "splitk",
     "64": "splitk",
-    "256": "gemm",
+    "256": "splitk",
     "big": "gemm",
 }
 
 # Defaults per variant and M bucket (every variant works for every M, so tests can force each one).
 DEFAULTS: dict[str, dict[str, GemvConfig | DotConfig]] = {
     "gemv": {
-        "1": GemvConfig(block_m=1, block_n=16, block_k=512, split_k=0, num_warps=4),
-        "16": GemvConfig(block_m=4, block_n=8, block_k=256, split_k=0, num_warps=4),
-        "64": GemvConfig(block_m=4, block_n=8, block_k=256, split_k=0, num_warps=4),
-        "256": GemvConfig(block_m=4, block_n=8, block_k=256, split_k=1, num_warps=4),
-        "big": GemvConfig(block_m=4, block_n=8, block_k=256, split_k=1, num_warps=4),
+        # 4 x 1024 int8 per step: 16-byte loads for 4 warps, 3 steps in flight per program, and
+        # N / 4 programs (1024 for N = 4096: about 8 per SM, all resident at once)
+        "1": GemvConfig(block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=4),
+        "16": GemvConfig(block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=4),
+        # a forced GEMV at larger M (one program per row): wider tiles, fewer programs
+        "64": GemvConfig(block_n=16, block_k=512, split_k=1, num_warps=4, num_stages=3),
+        "256": GemvConfig(block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=3),
+        "big": GemvConfig(block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=3),
     },
+    # M <= 64: x rows are the MMA's M side and the converted weight tile is staged in shared memory
+    # for the MMA's B operand (swap_ab=False). Counted in the compiled SASS (Triton 3.9, sm_90): about
+    # 4 instructions per weight element in the main loop, against about 7 when the weight is the
+    # register operand of a wgmma (swap_ab=True). At M <= 64 the kernel streams the weight, so the
+    # instructions per weight element are what matter.
     "splitk": {
-        "1": DotConfig(16, 64, 128, split_k=0, num_warps=4, num_stages=4, swap_ab=True),
-        "16": DotConfig(16, 64, 128, split_k=0, num_warps=4, num_stages=4, swap_ab=True),
-        "64": DotConfig(64, 64, 128, split_k=0, num_warps=4, num_stages=4, swap_ab=True),
-        "256": DotConfig(64, 128, 64, split_k=0, num_warps=4, num_stages=4, swap_ab=True),
+        "1": DotConfig(16, 32, 256, split_k=0, num_warps=4, num_stages=4),
+        "16": DotConfig(16, 32, 256, split_k=0, num_warps=4, num_stages=4),
+        "64": DotConfig(64, 32, 128, split_k=0, num_warps=4, num_stages=4),
+        "256": DotConfig(128, 64, 64, split_k=0, num_warps=4, num_stages=4, swap_ab=True),
         "big": DotConfig(128, 128, 64, split_k=0, num_warps=8, num_stages=3, swap_ab=True),
     },
     "gemm": {
-        "1": DotConfig(16, 64, 128, num_warps=4, num_stages=4, swap_ab=True),
-        "16": DotConfig(16, 64, 128, num_warps=4, num_stages=4, swap_ab=True),
-        "64": DotConfig(64, 64, 128, num_warps=4, num_stages=4, swap_ab=True),
-        "256": DotConfig(64, 128, 128, group_m=8, num_warps=4, num_stages=4, swap_ab=True),
-        "big": DotConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, swap_ab=True),
+        "1": DotConfig(16, 32, 256, num_warps=4, num_stages=4),
+        "16": DotConfig(16, 32, 256, num_warps=4, num_stages=4),
+        "64": DotConfig(64, 32, 128, num_warps=4, num_stages=4),
+        "256": DotConfig(128, 64, 64, num_warps=4, num_stages=4, swap_ab=True),
+        "big": DotConfig(256, 128, 64, group_m=8, num_warps=8, num_stages=3, swap_ab=True),
     },
 }
 
@@ -142,8 +169,60 @@ W8A8_DEFAULTS: dict[str, DotConfig] = {
 # Measured entries for exact weight shapes: (variant, M bucket, N, K) -> (kernel, config). The kernel
 # name lets a tuned "auto" entry pick another variant than AUTO_KERNEL. ``variant`` is "auto" for the
 # dispatcher's own choice, or a forced W8A16 variant, or "w8a8". The benchmark's --sweep prints lines
-# ready to paste here.
-TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {}
+# ready to paste here. Entries below: H100 80GB HBM3, Triton 3.6, benchmarks/bench_int8_linear.py
+# --sweep, tensor-core kernels and W8A8. Left out: that sweep's GEMV entries (an earlier GEMV kernel)
+# and its "auto" choices at M <= 16, whose timings included Triton's own per-launch Python work (two
+# launches for split-K) rather than the kernels alone.
+TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
+    # Measured on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `benchmarks/bench_int8_linear.py --sweep-only`:
+    # sweep 2 = benchmarks/results/sweeps/int8_linear-sweep-h100-80gb-hbm3-2026-11-25.json (current kernels),
+    # sweep 1 = the earlier sweep of the same day, kept only for keys sweep 2 did not cover.
+    ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=3)),  # 12.7 us (sweep 2)
+    ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=4)),  # 31.5 us (sweep 2)
+    ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=8, block_k=256, split_k=1, num_warps=2, num_stages=3)),  # 31.2 us (sweep 2)
+    ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 15.3 us (sweep 2)
+    ("auto", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=4, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.6 us (sweep 2)
+    ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 33.8 us (sweep 2)
+    ("auto", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 24.3 us (sweep 2)
+    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 2)
+    ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
+    ("auto", "big", 4096, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=True)),  # 232.0 us (sweep 2)
+    ("auto", "big", 4096, 14336): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 763.4 us (sweep 2)
+    ("auto", "big", 14336, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 780.4 us (sweep 2)
+    ("gemm", "1", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 40.9 us (sweep 1)
+    ("gemm", "1", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 1)
+    ("gemm", "1", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 49.1 us (sweep 1)
+    ("gemm", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 15.3 us (sweep 2)
+    ("gemm", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 38.0 us (sweep 2)
+    ("gemm", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 33.8 us (sweep 2)
+    ("gemm", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 25.5 us (sweep 2)
+    ("gemm", "256", 4096, 14336): ("gemm", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 73.6 us (sweep 2)
+    ("gemm", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
+    ("gemm", "big", 4096, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=True)),  # 232.0 us (sweep 2)
+    ("gemm", "big", 4096, 14336): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 763.4 us (sweep 2)
+    ("gemm", "big", 14336, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 780.4 us (sweep 2)
+    ("gemv", "1", 4096, 4096): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=3)),  # 12.7 us (sweep 2)
+    ("gemv", "1", 4096, 14336): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=4)),  # 31.5 us (sweep 2)
+    ("gemv", "1", 14336, 4096): ("gemv", GemvConfig(block_n=8, block_k=256, split_k=1, num_warps=2, num_stages=3)),  # 31.2 us (sweep 2)
+    ("gemv", "16", 4096, 4096): ("gemv", GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=4)),  # 70.7 us (sweep 2)
+    ("gemv", "16", 4096, 14336): ("gemv", GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=4)),  # 204.0 us (sweep 2)
+    ("gemv", "16", 14336, 4096): ("gemv", GemvConfig(block_n=8, block_k=512, split_k=1, num_warps=4, num_stages=4)),  # 230.7 us (sweep 2)
+    ("splitk", "1", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 46.0 us (sweep 1)
+    ("splitk", "1", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 77.1 us (sweep 1)
+    ("splitk", "1", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=8, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 77.6 us (sweep 1)
+    ("splitk", "16", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 16.6 us (sweep 2)
+    ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=4, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.6 us (sweep 2)
+    ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=64, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.8 us (sweep 2)
+    ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 24.3 us (sweep 2)
+    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 2)
+    ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 65.7 us (sweep 2)
+    ("w8a8", "256", 4096, 4096): ("w8a8", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 21.9 us (sweep 2)
+    ("w8a8", "256", 4096, 14336): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 58.6 us (sweep 2)
+    ("w8a8", "256", 14336, 4096): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 39.2 us (sweep 2)
+    ("w8a8", "big", 4096, 4096): ("w8a8", DotConfig(block_m=256, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 155.4 us (sweep 2)
+    ("w8a8", "big", 4096, 14336): ("w8a8", DotConfig(block_m=256, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 483.9 us (sweep 2)
+    ("w8a8", "big", 14336, 4096): ("w8a8", DotConfig(block_m=256, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 476.1 us (sweep 2)
+}
 
 
 def m_bucket(m: int) -> str:
@@ -168,18 +247,33 @@ def _largest_pow2_divisor(n: int) -> int:
 
 
 def choose_split_k(
-    tiles: int, k_blocks: int, sm_count: int, *, m: int = 1, k: int = 0, at_least: int = 1
+    programs: int,
+    k_blocks: int,
+    sm_count: int,
+    *,
+    fill: int = DOT_FILL,
+    m: int = 1,
+    k: int = 0,
+    at_least: int = 1,
 ) -> int:
-    """Smallest power-of-two split giving ``FILL_WAVES`` programs per SM.
+    """Smallest power-of-two split giving about ``fill`` programs per SM (at least three quarters).
 
-    Each split keeps at least 2 K blocks, and the partial sums' traffic stays under a quarter of the
-    weight's (for ``m`` rows and ``k`` columns; ``k=0`` skips that bound).
+    Args:
+        programs: programs of the grid without a split.
+        k_blocks: K blocks of the tile (each split keeps at least 2 of them).
+        sm_count: streaming multiprocessors of the device.
+        fill: programs per SM to aim for.
+        m, k: the problem's rows and K, bounding the partial sums' traffic to a quarter of the
+            weight's (``k=0`` skips that bound).
+        at_least: the smallest split to return (a forced split-K variant asks for 2).
     """
     cap = MAX_SPLIT_K
     if k:
         cap = max(at_least, min(cap, k // (8 * PARTIAL_TRAFFIC_FRACTION * max(1, m))))
     split = max(1, at_least)
-    while split * 2 <= cap and tiles * split < FILL_WAVES * sm_count and k_blocks >= 2 * (split * 2):
+    # three quarters: 128 programs on 132 SMs count as a full wave (a split would add partial-sum
+    # traffic and a reduction to gain 3% more programs)
+    while split * 2 <= cap and 4 * programs * split < 3 * fill * sm_count and k_blocks >= 2 * (split * 2):
         split *= 2
     return max(1, min(split, k_blocks))
 
@@ -192,18 +286,33 @@ def _clamp_k_block(block_k: int, k: int, group_size: int | None, minimum: int) -
     return block_k
 
 
-@functools.lru_cache(maxsize=4096)  # called on every launch: keep the per-call Python work small
+def group_block(block_k: int, group_size: int | None) -> tuple[int, int]:
+    """GEMV tiles with group scales: ``(block_k, sub_k)``, ``sub_k`` K elements sharing one scale.
+
+    A power-of-two group size lets a K block cover several whole groups (``sub_k = group_size``);
+    any other size (a multiple of 16) shrinks the block to a divisor of the group (``sub_k = block_k``).
+    Without groups ``sub_k`` is ``block_k``.
+    """
+    if not group_size:
+        return block_k, block_k
+    pow2 = _largest_pow2_divisor(group_size)
+    if pow2 == group_size:
+        return block_k, min(block_k, group_size)
+    block_k = min(block_k, pow2)
+    return block_k, block_k
+
+
+@functools.lru_cache(maxsize=4096)
 def select_w8a16(
     m: int,
     n: int,
     k: int,
-    *,
     group_size: int | None,
     kernel: str,
     sm_count: int,
     fp32: bool,
 ) -> tuple[str, GemvConfig | DotConfig]:
-    """Pick the W8A16 variant and its tiles for one call.
+    """Pick the W8A16 variant and its tiles for one problem size.
 
     Args:
         m, n, k: the problem, ``out[m, n] = x[m, k] @ W[n, k]^T``.
@@ -223,7 +332,11 @@ def select_w8a16(
     else:
         variant = AUTO_KERNEL[bucket] if kernel == "auto" else kernel
         cfg = DEFAULTS[variant][bucket]
-    return variant, resolve_w8a16(variant, cfg, m, n, k, group_size=group_size, sm_count=sm_count, fp32=fp32)
+    resolved = resolve_w8a16(
+        variant, cfg, m, n, k, group_size=group_size, sm_count=sm_count, fp32=fp32,
+        forced_split=kernel == "splitk",
+    )
+    return variant, resolved
 
 
 def resolve_w8a16(
@@ -236,39 +349,58 @@ def resolve_w8a16(
     group_size: int | None,
     sm_count: int,
     fp32: bool,
+    forced_split: bool = True,
 ) -> GemvConfig | DotConfig:
-    """Clamp a table entry to the problem and fill in ``split_k`` (also used for configs passed in)."""
+    """Clamp a table entry to the problem and fill in ``split_k`` (also used for configs passed in).
+
+    ``forced_split``: a ``splitk`` entry whose split is chosen from the shape splits at least in two
+    (a caller who forces the variant, the tests among them, wants the reduction exercised); the
+    dispatcher's own ``splitk`` choice splits only when the grid needs more programs.
+    """
     if variant == "gemv":
         assert isinstance(cfg, GemvConfig)
-        block_m = min(cfg.block_m, _next_pow2(m))
-        block_n = min(cfg.block_n, max(8, _next_pow2(n)))
-        block_k = _clamp_k_block(cfg.block_k, k, group_size, 16)
+        block_n = min(cfg.block_n, _next_pow2(n))
+        block_k = min(cfg.block_k, max(16, _next_pow2(k)))
+        block_k, _ = group_block(block_k, group_size)
         k_blocks = -(-k // block_k)
-        tiles = -(-m // block_m) * -(-n // block_n)
-        split = cfg.split_k or choose_split_k(tiles, k_blocks, sm_count, m=m, k=k)
+        programs = m * -(-n // block_n)
+        split = cfg.split_k or choose_split_k(programs, k_blocks, sm_count, fill=GEMV_FILL, m=m, k=k)
         split = max(1, min(split, k_blocks))
-        return dataclasses.replace(cfg, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
+        return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split)
     assert isinstance(cfg, DotConfig)
     block_m = min(cfg.block_m, max(16, _next_pow2(m)))
     block_n = min(cfg.block_n, max(16, _next_pow2(n)))
     block_k = _clamp_k_block(cfg.block_k, k, group_size, 16)
     num_stages = cfg.num_stages
+    num_warps = cfg.num_warps
     if fp32:
         # IEEE fp32 dots run on FMA units with both operands in registers: large tiles spill.
         block_m, block_n, block_k = min(block_m, 64), min(block_n, 64), min(block_k, 32)
         num_stages = min(num_stages, 2)
+        num_warps = min(num_warps, 4)
+    elif group_size:
+        # Group scales keep a second accumulator (each K block's product, scaled before it is added):
+        # at most 64 fp32 values per thread for each, or the registers spill (a 256 x 128 tile on
+        # 8 warps spills about 60 registers per thread).
+        while block_m * block_n > 64 * 32 * num_warps and max(block_m, block_n) > 16:
+            if block_m >= block_n:
+                block_m //= 2
+            else:
+                block_n //= 2
     k_blocks = -(-k // block_k)
-    tiles = -(-m // block_m) * -(-n // block_n)
+    programs = -(-m // block_m) * -(-n // block_n)
     if variant == "gemm":
         split = 1
     elif cfg.split_k:
         split = cfg.split_k
     else:
-        # a forced split-K variant always splits when K allows it, so tests exercise the reduction
-        split = choose_split_k(tiles, k_blocks, sm_count, m=m, k=k, at_least=2)
+        split = choose_split_k(
+            programs, k_blocks, sm_count, fill=DOT_FILL, m=m, k=k, at_least=2 if forced_split else 1
+        )
     split = max(1, min(split, k_blocks))
     return dataclasses.replace(
-        cfg, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split, num_stages=num_stages
+        cfg, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
+        num_stages=num_stages, num_warps=num_warps,
     )
 
 

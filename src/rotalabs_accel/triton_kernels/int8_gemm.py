@@ -3,22 +3,28 @@
 Every kernel computes ``out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias)`` with the int8 weight stored
 once, in the ``nn.Linear`` layout ``[N, K]``, and never materialized in floating point:
 
-* W8A16: the int8 tile is converted in registers (exact: ``|q| <= 127`` fits fp16/bf16), multiplied
+* W8A16: the int8 tile is converted in registers (exact: ``|q| <= 127`` fits fp16/bf16/fp32), multiplied
   with the activation tile with fp32 accumulation, and the fp32 per-channel scale is applied once in the
-  epilogue (``sum_k x q s = s sum_k x q``). With per-group scales each K block lies inside one group and
-  its partial product is scaled before it is accumulated.
+  epilogue (``sum_k x q s = s sum_k x q``). With per-group scales the partial product of each group is
+  scaled before it is accumulated.
 * W8A8: a row kernel quantizes the activations per token (int8 + fp32 row scales), then an
   int8 x int8 -> int32 tensor-core GEMM applies both scales (and the bias) in the epilogue.
 
-Kernels, in the order the data meets them: GEMV (M of a few rows, elementwise FMAs over wide int8
-loads), the tensor-core kernel shared by split-K and GEMM (split-K partial sums are reduced by a second
-kernel in a fixed order, so results are deterministic; no atomics), the split-K reduction, the activation
-quantizer and the W8A8 GEMM. Launchers and the launch heuristics (``int8_config``) follow.
+Kernels, in the order the data meets them: GEMV (one row of x per program, the weight streamed through
+a software pipeline, fp32 FMAs), the tensor-core kernel shared by split-K and GEMM (split-K partial sums
+are reduced by a second kernel in a fixed order, so results are deterministic; no atomics), the split-K
+reduction, the activation quantizer and the W8A8 GEMM. Launchers follow.
+
+The launchers are on the decode path, where a call's Python time can exceed the kernel's: everything
+that depends only on the problem size (variant, tiles, grid, constexprs) is resolved once per size and
+kept in a plan holding one ``_launch.KernelLaunch`` per kernel, which calls Triton's compiled kernel
+directly once the arguments' specialization (alignment, strides, bias dtype) has been seen. Inputs must
+have unit stride along K (the functional layer guarantees it; the launchers copy otherwise); outputs
+are fresh contiguous tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -27,10 +33,12 @@ import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
+from ._launch import KernelLaunch
 from .int8_config import (
     DotConfig,
     GemvConfig,
     QuantConfig,
+    group_block,
     resolve_w8a8,
     resolve_w8a16,
     select_quant,
@@ -38,7 +46,15 @@ from .int8_config import (
     select_w8a16,
 )
 
-__all__ = ["w8a16_linear", "w8a8_linear", "quantize_rows", "W8A8_MAX_K"]
+__all__ = [
+    "w8a16_linear",
+    "w8a8_linear",
+    "w8a8_gemm",
+    "quantize_rows",
+    "clear_plans",
+    "sm_count",
+    "W8A8_MAX_K",
+]
 
 # SMs assumed by the split-K heuristic when kernels run on CPU tensors under the interpreter: small,
 # so interpreter tests exercise splits on tiny shapes.
@@ -48,6 +64,15 @@ _INTERPRETER_SM_COUNT = 4
 # --------------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _int8_to_f32(w):
+    # Exact int8 -> fp32 on the integer and FMA pipes: q + 128 (the byte with its sign bit flipped) in
+    # the low mantissa bits of 2^23 is the float 2^23 + q + 128. Triton's own conversion issues one
+    # I2F per element, a quarter-rate instruction that would bound the GEMV below the memory bandwidth.
+    biased = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+    return biased.to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
@@ -78,15 +103,15 @@ def _store_output(
     part_ptr,
     pid_k,
     stride_sn,
-    stride_om,
-    stride_on,
     PER_CHANNEL_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
     # acc[i, j] is out[om[i, j], on[i, j]]; om / on are broadcastable 2-D index tensors, so the same
-    # epilogue serves the [M, N] and the swapped [N, M] accumulator orientations.
+    # epilogue serves the [M, N] and the swapped [N, M] accumulator orientations. The output (and the
+    # split-K partial sums) are contiguous [M, N].
     mask = (om < M) & (on < N)
+    offs = om.to(tl.int64) * N + on
     if SPLIT_K == 1:
         if PER_CHANNEL_SCALE:
             s = tl.load(s_ptr + on * stride_sn, mask=on < N, other=0.0)
@@ -94,16 +119,14 @@ def _store_output(
         if HAS_BIAS:
             b = tl.load(b_ptr + on, mask=on < N, other=0.0).to(tl.float32)
             acc = acc + b
-        out_ptrs = out_ptr + om.to(tl.int64) * stride_om + on.to(tl.int64) * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # fp32 partial sums of this K slice; the reduction kernel applies scale and bias
-        plane = pid_k.to(tl.int64) * M * N
-        tl.store(part_ptr + plane + om.to(tl.int64) * N + on, acc, mask=mask)
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
-# W8A16 GEMV: a few rows of x, weight streamed once with wide int8 loads, CUDA-core FMAs
+# W8A16 GEMV: one row of x per program, the weight streamed once, CUDA-core FMAs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -120,76 +143,71 @@ def _w8a16_gemv_kernel(
     K,
     k_per_split,
     stride_xm,
-    stride_xk,
     stride_wn,
-    stride_wk,
     stride_sn,
     stride_sg,
-    stride_om,
-    stride_on,
     GROUP_SIZE: tl.constexpr,
+    SUB_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    # Tiles are [BLOCK_M, BLOCK_N, BLOCK_K // 8, 8]. With 8 contiguous K elements per thread for both
-    # the int8 weights (8-byte loads) and the 16-bit activations (16-byte loads), both loads get the same
-    # register layout: the weight tile is multiplied where it lands. (As plain [BLOCK_N, BLOCK_K] tiles
-    # the int8 load takes 16 elements per thread, the activation load 8, and the compiler reshuffles the
-    # whole weight tile through shared memory on every step.)
-    VEC: tl.constexpr = 8
-    # Row blocks of x vary fastest over the grid: the programs that share a weight tile run together
-    # and read it from L2 rather than from memory.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows of x vary fastest over the grid: the programs that share a weight tile run together and
+    # read it from L2 rather than from memory (only a forced GEMV at M > 1 has several rows).
+    pid = tl.program_id(0)
+    pid_m = pid % M
+    pid_n = pid // M
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows re-read the last row (their results are never stored): no masks on the loads.
+    rows = tl.minimum(offs_n, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
     k_start = pid_k * k_per_split
-    offs_k = k_start + tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    # Out-of-range rows wrap onto valid ones (their results are never stored), so the hot loop's loads
-    # need no row mask.
-    offs_wn = offs_n % N
-    m4 = (offs_m % M)[:, None, None, None]
-    n4 = offs_wn[None, :, None, None]
-    k4 = offs_k[None, None, :, :]
-    # Each operand's pointers are broadcast over the other's rows; the compiler loads them once.
-    x_ptrs = x_ptr + (m4.to(tl.int64) * stride_xm + n4 * 0) + k4 * stride_xk
-    w_ptrs = w_ptr + (n4.to(tl.int64) * stride_wn + m4 * 0) + k4 * stride_wk
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Per-channel scales: accumulate the products elementwise and reduce once after the loop; reducing
-    # every step would add shuffles to a loop whose only job is to keep memory busy.
-    acc_wide = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC), dtype=tl.float32)
-    for k0 in range(0, k_per_split, BLOCK_K):
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + (k_start + offs_k)
+    # The products are accumulated elementwise and reduced over K once after the loop: a reduction per
+    # step would add shuffles to a loop whose only job is to keep the memory busy. With group scales,
+    # each step reduces its products per group (SUB_K elements) and scales them.
+    if GROUP_SIZE > 0:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // SUB_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # The pipeline keeps NUM_STAGES - 1 weight tiles in flight per program (cp.async into shared
+    # memory); the activation chunk travels with them and is read back in the weight's layout.
+    for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
         else:
-            k_in = k4 < K - k0
-            w = tl.load(w_ptrs, mask=k_in, other=0)
+            k_in = offs_k < K - k_start - k0
+            w = tl.load(w_ptrs, mask=k_in[None, :], other=0)
             x = tl.load(x_ptrs, mask=k_in, other=0.0)
-        prod = w.to(tl.float32) * x.to(tl.float32)
+        prod = _int8_to_f32(w) * x.to(tl.float32)[None, :]
         if GROUP_SIZE > 0:
+            part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // SUB_K, SUB_K)), axis=2)
             # a block past K (the tail of the last split) loaded zeros: any valid group's scale will do
-            group = tl.minimum((k_start + k0) // GROUP_SIZE, tl.cdiv(K, GROUP_SIZE) - 1)
-            s = tl.load(s_ptr + offs_wn * stride_sn + group * stride_sg)
-            acc += tl.sum(tl.sum(prod, axis=3), axis=2) * s[None, :]
+            groups = (k_start + k0 + tl.arange(0, BLOCK_K // SUB_K) * SUB_K) // GROUP_SIZE
+            groups = tl.minimum(groups, tl.cdiv(K, GROUP_SIZE) - 1)
+            s = tl.load(s_ptr + rows[:, None] * stride_sn + groups[None, :] * stride_sg)
+            acc += part * s
         else:
-            acc_wide += prod
-        w_ptrs += BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
-    if GROUP_SIZE == 0:
-        acc = tl.sum(tl.sum(acc_wide, axis=3), axis=2)
-
-    _store_output(
-        acc, offs_m[:, None], offs_n[None, :], M, N, s_ptr, b_ptr, out_ptr, part_ptr, pid_k,
-        stride_sn, stride_om, stride_on,
-        PER_CHANNEL_SCALE=GROUP_SIZE == 0, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
-    )
+            acc += prod
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    out = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        if GROUP_SIZE == 0:
+            out = out * tl.load(s_ptr + rows * stride_sn)
+        if HAS_BIAS:
+            out = out + tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    else:
+        # fp32 partial sums of this K slice; the reduction kernel applies scale and bias
+        plane = (pid_k * M + pid_m).to(tl.int64) * N
+        tl.store(part_ptr + plane + offs_n, out, mask=offs_n < N)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,13 +228,9 @@ def _w8a16_dot_kernel(
     K,
     k_per_split,
     stride_xm,
-    stride_xk,
     stride_wn,
-    stride_wk,
     stride_sn,
     stride_sg,
-    stride_om,
-    stride_on,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -227,6 +241,7 @@ def _w8a16_dot_kernel(
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    BLOCKED_SUM: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -236,13 +251,15 @@ def _w8a16_dot_kernel(
     offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_xm = offs_m % M
     offs_wn = offs_n % N
-    x_ptrs = x_ptr + offs_xm.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_wn.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    x_ptrs = x_ptr + offs_xm.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_wn.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DOT_FP32:
+        lost = tl.zeros_like(acc)  # the low-order bits the running fp32 sum has dropped so far
     for k0 in range(0, k_per_split, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -255,7 +272,7 @@ def _w8a16_dot_kernel(
             # fp32 activations (IEEE products, as torch's default fp32 matmul); also bf16 under the
             # interpreter, whose dot multiplies bf16 bit patterns as integers.
             x = x.to(tl.float32)
-            w = w.to(tl.float32)
+            w = _int8_to_f32(w)
         else:
             w = w.to(x.dtype)  # exact: every int8 value is representable in fp16 and bf16
         if SWAP_AB:
@@ -264,24 +281,34 @@ def _w8a16_dot_kernel(
         else:
             a = x
             b = tl.trans(w)
-        if GROUP_SIZE > 0:
+        if BLOCKED_SUM:
+            # Each K block's product starts from zero and is then scaled (group scales) and added to
+            # the total.
             if DOT_FP32:
                 part = tl.dot(a, b, input_precision="ieee")
             else:
                 part = tl.dot(a, b)
-            group = tl.minimum((k_start + k0) // GROUP_SIZE, tl.cdiv(K, GROUP_SIZE) - 1)
-            s = tl.load(s_ptr + offs_wn * stride_sn + group * stride_sg)
-            if SWAP_AB:
-                acc += part * s[:, None]
-            else:
-                acc += part * s[None, :]
-        else:
+            if GROUP_SIZE > 0:
+                group = tl.minimum((k_start + k0) // GROUP_SIZE, tl.cdiv(K, GROUP_SIZE) - 1)
+                s = tl.load(s_ptr + offs_wn * stride_sn + group * stride_sg)
+                if SWAP_AB:
+                    part = part * s[:, None]
+                else:
+                    part = part * s[None, :]
             if DOT_FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+                # fp32 on FMA units: one FMA chain over all of K is several times less accurate than
+                # cuBLAS's fp32 GEMM. Chains of BLOCK_K products, added with compensation (Kahan), leave
+                # an error of about one BLOCK_K chain, below cuBLAS's.
+                y = part - lost
+                total = acc + y
+                lost = (total - acc) - y
+                acc = total
             else:
-                acc = tl.dot(a, b, acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+                acc += part
+        else:
+            acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
 
     if SWAP_AB:
         om = offs_m[None, :]
@@ -290,7 +317,7 @@ def _w8a16_dot_kernel(
         om = offs_m[:, None]
         on = offs_n[None, :]
     _store_output(
-        acc, om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, pid_k, stride_sn, stride_om, stride_on,
+        acc, om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, pid_k, stride_sn,
         PER_CHANNEL_SCALE=GROUP_SIZE == 0, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
     )
 
@@ -303,10 +330,7 @@ def _splitk_reduce_kernel(
     out_ptr,
     M,
     N,
-    split_stride,
     stride_sn,
-    stride_om,
-    stride_on,
     SPLIT_K: tl.constexpr,
     PER_CHANNEL_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -319,11 +343,10 @@ def _splitk_reduce_kernel(
     # a fixed summation order: the result does not depend on which split finished first
     for _ in tl.static_range(SPLIT_K):
         acc += tl.load(row, mask=offs_n < N, other=0.0)
-        row += split_stride
+        row += M * N
     om = (pid_m + tl.arange(0, 1))[:, None]
     _store_output(
-        acc[None, :], om, offs_n[None, :], M, N, s_ptr, b_ptr, out_ptr, part_ptr, 0,
-        stride_sn, stride_om, stride_on,
+        acc[None, :], om, offs_n[None, :], M, N, s_ptr, b_ptr, out_ptr, part_ptr, 0, stride_sn,
         PER_CHANNEL_SCALE=PER_CHANNEL_SCALE, HAS_BIAS=HAS_BIAS, SPLIT_K=1,
     )
 
@@ -352,22 +375,20 @@ def _quantize_rows_kernel(
     s_ptr,
     K,
     stride_xm,
-    stride_xk,
-    stride_qm,
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
+    q_row = q_ptr + row * K
     offs = tl.arange(0, BLOCK_K)
     if ONE_PASS:
-        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
     else:
         amax_wide = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax_wide = tl.maximum(amax_wide, tl.abs(xk))
         amax = tl.max(amax_wide, axis=0)
     amax = tl.maximum(amax, _AMAX_FLOOR)  # a zero row gets a tiny scale and quantizes to 0, no NaN
@@ -380,7 +401,7 @@ def _quantize_rows_kernel(
     else:
         for k0 in range(0, K, BLOCK_K):
             # the second read of the row hits L2: one program's row is at most a few tens of KB
-            xk = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             q = tl.minimum(tl.maximum(_round_half_even(xk * inv), -127.0), 127.0)
             tl.store(q_row + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
 
@@ -396,13 +417,8 @@ def _w8a8_dot_kernel(
     M,
     N,
     K,
-    stride_xm,
-    stride_xk,
     stride_wn,
-    stride_wk,
     stride_sn,
-    stride_om,
-    stride_on,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -414,8 +430,8 @@ def _w8a8_dot_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = xq_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    x_ptrs = xq_ptr + (offs_m % M).to(tl.int64)[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     # Both operands are K-major ([rows, K] with K contiguous): the layout int8 tensor-core MMAs need,
     # which is why the weight is used in its nn.Linear layout without a transposed copy.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -428,13 +444,12 @@ def _w8a8_dot_kernel(
             a = tl.load(x_ptrs, mask=k_in[None, :], other=0)
             b = tl.load(w_ptrs, mask=k_in[None, :], other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
     out = acc.to(tl.float32) * sx[:, None]
     _store_output(
-        out, offs_m[:, None], offs_n[None, :], M, N, sw_ptr, b_ptr, out_ptr, out_ptr, 0,
-        stride_sn, stride_om, stride_on,
+        out, offs_m[:, None], offs_n[None, :], M, N, sw_ptr, b_ptr, out_ptr, out_ptr, 0, stride_sn,
         PER_CHANNEL_SCALE=True, HAS_BIAS=HAS_BIAS, SPLIT_K=1,
     )
 
@@ -456,16 +471,29 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _on_device(t: torch.Tensor):
-    # launch on the tensor's own GPU; entering a device context only when it is not the current one
-    # saves microseconds per call at decode
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+def _sms(index: int) -> int:
+    return _cuda_sm_count(index) if index >= 0 else _INTERPRETER_SM_COUNT
 
 
-def _scale_strides(scale: torch.Tensor) -> tuple[int, int]:
-    return (scale.stride(0), scale.stride(1)) if scale.dim() == 2 else (scale.stride(0), 0)
+# Resolved launch plans per problem size. Decode calls the same few sizes over and over: a dictionary
+# hit replaces the table lookups, the config arithmetic and the constexpr dictionaries of every call.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def clear_plans() -> None:
+    """Forget the resolved launch plans (after editing ``int8_config``'s tables at run time)."""
+    _PLANS.clear()
+    select_w8a16.cache_clear()
+    select_w8a8.cache_clear()
+    select_quant.cache_clear()
+
+
+def _remember(key: tuple, plan: tuple) -> tuple:
+    if len(_PLANS) >= _MAX_PLANS:  # prefill of ever-new lengths: keep memory bounded
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
 
 
 def _split_plan(k: int, block_k: int, split: int) -> tuple[int, int, bool]:
@@ -475,6 +503,72 @@ def _split_plan(k: int, block_k: int, split: int) -> tuple[int, int, bool]:
     split = triton.cdiv(k_blocks, blocks_per_split)
     even_k = k % block_k == 0 and k_blocks % blocks_per_split == 0
     return blocks_per_split * block_k, split, even_k
+
+
+def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> tuple:
+    """``(launch, k_per_split, split, reduce_launch)`` for one problem size on one device.
+
+    ``launch`` and ``reduce_launch`` (``None`` without a split) are ``KernelLaunch`` sites with the
+    grid, launch options and constexprs resolved.
+    """
+    fp32 = dtype == torch.float32
+    sms = _sms(index)
+    if config is None:
+        variant, cfg = select_w8a16(m, n, k, group_size, kernel, sms, fp32)
+    else:
+        if kernel == "auto":
+            raise ValueError("an explicit config needs a named kernel ('gemv', 'splitk' or 'gemm')")
+        variant = kernel
+        cfg = resolve_w8a16(variant, config, m, n, k, group_size=group_size, sm_count=sms, fp32=fp32)
+    gs = int(group_size or 0)
+    k_per_split, split, even_k = _split_plan(k, cfg.block_k, cfg.split_k)
+    if variant == "gemv":
+        assert isinstance(cfg, GemvConfig)
+        _, sub_k = group_block(cfg.block_k, group_size)
+        site = KernelLaunch(
+            _w8a16_gemv_kernel, (m * triton.cdiv(n, cfg.block_n), split), cfg.num_warps, cfg.num_stages,
+            device=index, GROUP_SIZE=gs, SUB_K=sub_k, HAS_BIAS=has_bias, EVEN_K=even_k,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
+        )
+    else:
+        assert isinstance(cfg, DotConfig)
+        # the interpreter's dot multiplies bf16 bit patterns as integers: compute in fp32 there
+        dot_fp32 = fp32 or (dtype == torch.bfloat16 and index < 0 and is_triton_interpreter())
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        site = KernelLaunch(
+            _w8a16_dot_kernel, grid, cfg.num_warps, cfg.num_stages, device=index,
+            GROUP_SIZE=gs, HAS_BIAS=has_bias, EVEN_K=even_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+            GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32, BLOCKED_SUM=gs > 0 or dot_fp32,
+        )
+    reduce = None
+    if split > 1:
+        # small column blocks: at decode (M = 1) the reduction must still spread over many SMs
+        block_n = min(256, triton.next_power_of_2(n))
+        reduce = KernelLaunch(
+            _splitk_reduce_kernel, (m, triton.cdiv(n, block_n)), 2, None, device=index,
+            SPLIT_K=split, PER_CHANNEL_SCALE=gs == 0, HAS_BIAS=has_bias, BLOCK_N=block_n,
+        )
+    return site, k_per_split, split, reduce
+
+
+def _on_device(index: int, fn, *args):
+    # Triton launches on the current device: switch only when the tensor lives on another GPU.
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return fn(*args)
+    return fn(*args)
+
+
+def _empty_result(x, weight, bias):
+    m, n = x.shape[0], weight.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m and n:  # K = 0: the empty sum, plus the bias
+        if bias is None:
+            out.zero_()
+        else:
+            out.copy_(bias.expand(m, n))
+    return out
 
 
 def w8a16_linear(
@@ -489,7 +583,7 @@ def w8a16_linear(
     """``x[M, K] @ (weight[N, K] * scale)^T + bias`` in ``x.dtype`` with a W8A16 kernel.
 
     Args:
-        x: activations ``[M, K]`` (fp16, bf16 or fp32; any strides).
+        x: activations ``[M, K]`` (fp16, bf16 or fp32; any row stride).
         weight: int8 ``[N, K]``.
         scale: fp32 ``[N]`` (per channel) or ``[N, ceil(K / group_size)]`` (per group).
         bias: ``[N]`` or ``None``.
@@ -497,63 +591,57 @@ def w8a16_linear(
         kernel: ``"auto"``, ``"gemv"``, ``"splitk"`` or ``"gemm"``.
         config: explicit tiles for ``kernel`` (the benchmark sweep and the tests use this);
             requires a named kernel.
+
+    Returns:
+        A contiguous ``[M, N]`` tensor in ``x.dtype``.
     """
     m, k = x.shape
     n = weight.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return _empty_result(x, weight, bias)
+    stride_xm, stride_xk = x.stride()
+    if stride_xk != 1:
+        x = x.contiguous()
+        stride_xm = k
+    stride_wn, stride_wk = weight.stride()
+    if stride_wk != 1:
+        weight = weight.contiguous()
+        stride_wn = k
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    index = x.get_device()
+    key = (m, n, k, x.dtype, group_size, bias is None, kernel, config, index)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember(key, _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config,
+                                          index))
+    site, k_per_split, split, reduce = plan
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    fp32 = x.dtype == torch.float32
-    sms = sm_count(x.device)
-    if config is None:
-        variant, cfg = select_w8a16(m, n, k, group_size=group_size, kernel=kernel, sm_count=sms, fp32=fp32)
-    else:
-        if kernel == "auto":
-            raise ValueError("an explicit config needs a named kernel ('gemv', 'splitk' or 'gemm')")
-        variant = kernel
-        cfg = resolve_w8a16(variant, config, m, n, k, group_size=group_size, sm_count=sms, fp32=fp32)
-    gs = int(group_size or 0)
-    k_per_split, split, even_k = _split_plan(k, cfg.block_k, cfg.split_k)
     part = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else out
+    if scale.dim() == 2:
+        stride_sn, stride_sg = scale.stride()
+    else:
+        stride_sn, stride_sg = scale.stride(0), 0
     b_arg = bias if bias is not None else scale
-    stride_sn, stride_sg = _scale_strides(scale)
-    common = (
-        m, n, k, k_per_split,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_sn, stride_sg,
-        out.stride(0), out.stride(1),
-    )
-    with _on_device(x):
-        if variant == "gemv":
-            assert isinstance(cfg, GemvConfig)
-            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-            _w8a16_gemv_kernel[grid](
-                x, weight, scale, b_arg, out, part, *common,
-                GROUP_SIZE=gs, HAS_BIAS=bias is not None, EVEN_K=even_k,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        else:
-            assert isinstance(cfg, DotConfig)
-            dot_fp32 = fp32 or (x.dtype == torch.bfloat16 and is_triton_interpreter())
-            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-            _w8a16_dot_kernel[grid](
-                x, weight, scale, b_arg, out, part, *common,
-                GROUP_SIZE=gs, HAS_BIAS=bias is not None, EVEN_K=even_k,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
-                GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        if split > 1:
-            # small column blocks: at decode (M = 1) the reduction must still spread over many SMs
-            block_n = min(256, triton.next_power_of_2(n))
-            _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
-                part, scale, b_arg, out, m, n, part.stride(0), stride_sn, out.stride(0), out.stride(1),
-                SPLIT_K=split, PER_CHANNEL_SCALE=gs == 0, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                num_warps=2,
-            )
+    # What can change Triton's specialization between calls of one plan (out and part are fresh,
+    # hence aligned): the inputs' alignment, the strides and the bias dtype.
+    spec = (x.data_ptr() & 15, weight.data_ptr() & 15, scale.data_ptr() & 15, b_arg.data_ptr() & 15,
+            b_arg.dtype, stride_xm, stride_wn, stride_sn, stride_sg)
+    args = (x, weight, scale, b_arg, out, part, m, n, k, k_per_split, stride_xm, stride_wn, stride_sn,
+            stride_sg)
+    if index >= 0 and index != torch.cuda.current_device():
+        # Triton launches on the current device
+        with torch.cuda.device(index):
+            _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn)
+    else:
+        _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn)
     return out
+
+
+def _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn) -> None:
+    site(args, spec)
+    if reduce is not None:
+        reduce((part, scale, b_arg, out, m, n, stride_sn), spec)
 
 
 def quantize_rows(x: torch.Tensor, config: QuantConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -566,13 +654,22 @@ def quantize_rows(x: torch.Tensor, config: QuantConfig | None = None) -> tuple[t
     s = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return q, s
-    cfg = config or select_quant(k)
-    with _on_device(x):
-        _quantize_rows_kernel[(m,)](
-            x, q, s, k, x.stride(0), x.stride(1), q.stride(0),
-            BLOCK_K=cfg.block_k, ONE_PASS=k <= cfg.block_k,
-            num_warps=cfg.num_warps, enable_fp_fusion=False,
-        )
+    stride_xm, stride_xk = x.stride()
+    if stride_xk != 1:
+        x = x.contiguous()
+        stride_xm = k
+    index = x.get_device()
+    key = ("quant", m, k, config, index)
+    site = _PLANS.get(key)
+    if site is None:
+        cfg = config or select_quant(k)
+        # enable_fp_fusion=False is a compile option (passed through to Triton's first launch): x * inv
+        # and the rounding add must stay two IEEE operations to match torch bit for bit
+        site = _remember(key, KernelLaunch(
+            _quantize_rows_kernel, (m,), cfg.num_warps, None, device=index,
+            BLOCK_K=cfg.block_k, ONE_PASS=k <= cfg.block_k, enable_fp_fusion=False,
+        ))
+    _on_device(index, site, (x, q, s, k, stride_xm), (x.data_ptr() & 15, x.dtype, stride_xm))
     return q, s
 
 
@@ -594,26 +691,54 @@ def w8a8_linear(
         config, quant_config: explicit tiles (benchmark sweep and tests).
 
     Returns:
-        ``[M, N]`` in ``x.dtype``.
+        A contiguous ``[M, N]`` tensor in ``x.dtype``.
     """
     m, k = x.shape
     n = weight.shape[0]
     assert k <= W8A8_MAX_K, "int32 accumulation would overflow"
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    if m == 0 or n == 0 or k == 0:
+        return _empty_result(x, weight, bias)
     xq, sx = quantize_rows(x, quant_config)
-    cfg = resolve_w8a8(config, m, n, k) if config is not None else select_w8a8(m, n, k)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    with _on_device(x):
-        _w8a8_dot_kernel[grid](
-            xq, sx, weight, scale, bias if bias is not None else scale, out, m, n, k,
-            xq.stride(0), xq.stride(1), weight.stride(0), weight.stride(1), scale.stride(0),
-            out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+    return w8a8_gemm(xq, sx, weight, scale, bias, x.dtype, config)
+
+
+def w8a8_gemm(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: DotConfig | None = None,
+) -> torch.Tensor:
+    """The W8A8 GEMM alone on quantized activations: ``(xq @ weight^T) * sx * scale + bias``.
+
+    Args:
+        xq: contiguous int8 ``[M, K]`` and ``sx`` its fp32 row scales ``[M]`` (from :func:`quantize_rows`).
+        weight, scale, bias: as in :func:`w8a8_linear`.
+        out_dtype: dtype of the result.
+        config: explicit tiles.
+    """
+    m, k = xq.shape
+    n = weight.shape[0]
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    index = xq.get_device()
+    key = ("w8a8", m, n, k, bias is None, config, index)
+    site = _PLANS.get(key)
+    if site is None:
+        cfg = resolve_w8a8(config, m, n, k) if config is not None else select_w8a8(m, n, k)
+        site = _remember(key, KernelLaunch(
+            _w8a8_dot_kernel, (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),), cfg.num_warps,
+            cfg.num_stages, device=index, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        ))
+    out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    b_arg = bias if bias is not None else scale
+    args = (xq, sx, weight, scale, b_arg, out, m, n, k, weight.stride(0), scale.stride(0))
+    spec = (xq.data_ptr() & 15, sx.data_ptr() & 15, weight.data_ptr() & 15, scale.data_ptr() & 15,
+            b_arg.data_ptr() & 15, b_arg.dtype, out_dtype, weight.stride(0), scale.stride(0))
+    _on_device(index, site, args, spec)
     return out
