@@ -89,30 +89,11 @@ OPS: dict[str, tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict], obj
     "int8_gemm": (_int8_args, lambda a: int8_gemm(**a)),
 }
 
-# Known defects, each failing with a RuntimeError before the device check runs. strict=True: when
-# one is fixed its test passes and the marker must go.
-_AUTOCAST_META = (
-    "functional/{}: torch.is_autocast_enabled(x.device.type) runs before the device check and raises "
-    "'unknown device type for autocast' for the meta device"
-)
-KNOWN_MISMATCH_BUGS = {
-    ("swiglu_ffn", "x"): _AUTOCAST_META.format("activations.py swiglu_ffn"),
-    ("apply_rope", "position_ids"): (
-        "functional/rope.py _fast_rotary_dim compares devices by get_device(), which is -1 for both cpu "
-        "and meta, then reads position_ids.min() on the meta tensor"
-    ),
-}
-
-
 def _mismatch_params():
     params = []
     for op, (make, _) in OPS.items():
         for arg in make():
-            marks = ()
-            if (op, arg) in KNOWN_MISMATCH_BUGS:
-                reason = KNOWN_MISMATCH_BUGS[op, arg]
-                marks = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=reason)
-            params.append(pytest.param(op, arg, marks=marks, id=f"{op}-{arg}"))
+            params.append(pytest.param(op, arg, id=f"{op}-{arg}"))
     return params
 
 
@@ -176,12 +157,7 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize(
-    "module",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                                reason=_AUTOCAST_META.format("activations.py swiglu_ffn")))
-     if name == "SwiGLU" else name for name in MODULES],
-)
+@pytest.mark.parametrize("module", list(MODULES))
 def test_module_input_on_another_device_raises(module):
     fn, op, names = MODULES[module]()
     _expect_mismatch(fn, op, names, ("cpu", "meta"))
@@ -191,23 +167,7 @@ def test_module_input_on_another_device_raises(module):
 # Everything on the meta device: shapes propagate
 # --------------------------------------------------------------------------------------------------
 
-META_BUGS = {
-    "swiglu_ffn": _AUTOCAST_META.format("activations.py swiglu_ffn"),
-    "int8_gemm": _AUTOCAST_META.format("gemm.py int8_gemm"),
-}
-
-
-def _all_meta_params():
-    params = []
-    for op in OPS:
-        marks = ()
-        if op in META_BUGS:
-            marks = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=META_BUGS[op])
-        params.append(pytest.param(op, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("op", _all_meta_params())
+@pytest.mark.parametrize("op", list(OPS))
 def test_all_meta_gives_meta_results(op):
     make, call = OPS[op]
     cpu_args = make()

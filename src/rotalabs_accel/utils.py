@@ -19,6 +19,7 @@ __all__ = [
     "is_triton_available",
     "is_triton_interpreter",
     "get_device_properties",
+    "autocast_enabled",
 ]
 
 
@@ -71,6 +72,14 @@ def is_triton_available() -> bool:
 def is_triton_interpreter() -> bool:
     """Return ``True`` when ``TRITON_INTERPRET=1`` is set (kernels then run on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; ``False`` for device types autocast does not know
+    (``torch.is_autocast_enabled`` raises for those, e.g. ``"meta"``)."""
+    if device_type not in ("cuda", "cpu") and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from .._backend import check_same_device, select_backend
 from ..ops.swiglu import SwiGLUFFNFunction, packed_pair, swiglu_eager, swiglu_packed_eager
 from ..reference.swiglu import swiglu_reference
+from ..utils import autocast_enabled
 
 __all__ = ["swiglu_fused", "swiglu_ffn", "packed_pair"]
 
@@ -235,7 +236,7 @@ def swiglu_ffn(
             f"{op}: the last dimension of x must be hidden_size={hidden} (gate_weight is "
             f"{list(gate_weight.shape)}), got x of shape {list(x.shape)}"
         )
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_enabled(x.device.type)
     dtype = x.dtype
     _check_weight(op, "gate_weight", gate_weight, (n_inter, hidden), dtype, not autocast)
     _check_weight(op, "up_weight", up_weight, (n_inter, hidden), dtype, not autocast)

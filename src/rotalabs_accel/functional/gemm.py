@@ -7,6 +7,7 @@ import torch
 from .._backend import check_same_device, select_backend
 from ..ops import int8 as _ops
 from ..reference.int8 import W8A8_MAX_K, int8_linear_reference, w8a8_linear_reference
+from ..utils import autocast_enabled
 
 __all__ = ["int8_gemm", "MODES", "KERNELS", "W8A8_AUTO_MIN_TOKENS"]
 
@@ -167,7 +168,7 @@ def int8_gemm(
     """
     _validate(x, weight_int8, scale, bias, group_size, mode, kernel)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         # as nn.Linear under autocast: compute in the autocast dtype; the reference inside must then run
         # with autocast off, or its fp32 matmul would be cast down as well
         x = x.to(torch.get_autocast_dtype(device_type))

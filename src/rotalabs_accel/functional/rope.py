@@ -254,7 +254,9 @@ def _fast_rotary_dim(q, k, cos, sin, position_ids, offset, layout, rotary_dim, i
         return rotary_dim
     if type(position_ids) is not tensor or position_ids.dtype not in _FAST_POSITION_DTYPES or offset != 0:
         return None
-    if position_ids.is_cuda != q.is_cuda or position_ids.get_device() != q.get_device():
+    # is_cpu as well as get_device(): both are -1 for the CPU and for the meta device
+    if (position_ids.is_cuda != q.is_cuda or position_ids.is_cpu != q.is_cpu
+            or position_ids.get_device() != q.get_device()):
         return None
     p_shape = position_ids.shape
     if p_shape != (q_shape[0], seq) and p_shape != (1, seq) and p_shape != (seq,):
