@@ -22,8 +22,8 @@ A wrong index, a missing term (e.g. dropping the ``- n * mean(u * n)`` term of d
 scale produces relative errors of 1e-2..1, far above every bound.
 
 Triton's interpreter converts float32 to bfloat16 by truncation where the GPU rounds to nearest even;
-the ``_bf16_round_to_nearest`` fixture makes the interpreter round as the hardware does, so the
-CPU run checks the GPU's numerics.
+the ``_bf16_round_to_nearest`` fixture (tests/conftest.py) makes the interpreter round as the hardware
+does, so the CPU run checks the GPU's numerics.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ import rotalabs_accel
 from helpers import (
     FLOAT_DTYPES,
     assert_within_torch_error,
-    cuda_available,
-    interpreter_enabled,
     kernel_devices,
     randn,
     rel_err,
@@ -49,27 +47,6 @@ from rotalabs_accel.reference.rmsnorm import add_rmsnorm_reference, rmsnorm_outp
 
 FACTOR = {torch.float32: 4.0, torch.float16: 2.0, torch.bfloat16: 2.0}
 EPS = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _bf16_round_to_nearest(monkeypatch):
-    """Make the interpreter's float32 -> bfloat16 conversion round to nearest even, as the GPU does."""
-    if cuda_available() or not interpreter_enabled():
-        return
-    triton = pytest.importorskip("triton")
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == triton.language.float32 and dst_type.scalar == triton.language.bfloat16:
-            arr = np.asarray(src.data, dtype=np.float32)
-            bits = torch.from_numpy(arr.reshape(-1).copy()).to(torch.bfloat16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(bits.view(np.uint16).reshape(arr.shape), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
 
 
 # ---------------------------------------------------------------------------------------------

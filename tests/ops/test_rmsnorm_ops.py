@@ -12,31 +12,10 @@ import pytest
 import torch
 
 import rotalabs_accel
-from helpers import cuda_available, interpreter_enabled, kernel_devices, randn
+from helpers import kernel_devices, randn
 from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.compile]
-
-
-@pytest.fixture(autouse=True)
-def _bf16_round_to_nearest(monkeypatch):
-    """Make the interpreter's float32 -> bfloat16 conversion round to nearest even, as the GPU does."""
-    if cuda_available() or not interpreter_enabled():
-        return
-    triton = pytest.importorskip("triton")
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == triton.language.float32 and dst_type.scalar == triton.language.bfloat16:
-            arr = np.asarray(src.data, dtype=np.float32)
-            bits = torch.from_numpy(arr.reshape(-1).copy()).to(torch.bfloat16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(bits.view(np.uint16).reshape(arr.shape), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
 
 
 def _ops():
