@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import re
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import RESULTS_DIR, Row, copy_ceiling_gbps, write_results  # noqa: E402
+from common import RESULTS_DIR, Row, copy_ceiling_gbps, gpu_slug, write_results  # noqa: E402
 from rotalabs_accel import optimize_model  # noqa: E402
 from rotalabs_accel.generation import StaticCacheDecoder  # noqa: E402
 
@@ -80,14 +79,6 @@ ANCHOR_HF_EAGER_MS = 9.518  # shared/anchors: HF eager bf16, same shape, transfo
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name()
-    match = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper().replace("NVIDIA", ""))
-    if match:
-        return match.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def sync(device: torch.device) -> None:

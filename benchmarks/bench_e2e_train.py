@@ -40,7 +40,6 @@ import datetime as dt
 import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import RESULTS_DIR, Row, gemm_ceiling_tflops, write_results  # noqa: E402
+from common import RESULTS_DIR, Row, gemm_ceiling_tflops, gpu_slug, write_results  # noqa: E402
 
 OP = "llama3_8b_2L_fwdbwd"
 
@@ -112,14 +111,6 @@ LOSS_RTOL = 2e-3
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name()
-    match = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper().replace("NVIDIA", ""))
-    if match:
-        return match.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def model_flops(config: dict, batch: int, seq: int) -> float:

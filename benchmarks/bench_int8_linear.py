@@ -40,7 +40,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ from common import (  # noqa: E402
     gemm_ceiling_tflops,
     write_results,
 )
+from common import gpu_slug as common_gpu_slug  # noqa: E402
 from rotalabs_accel.functional.gemm import int8_gemm  # noqa: E402
 from rotalabs_accel.reference.int8 import quantize_weight_reference  # noqa: E402
 
@@ -75,10 +75,7 @@ SQNR_TARGET_DB = 35.0
 
 
 def gpu_slug() -> str:
-    if DEVICE != "cuda":
-        return "cpu-dry-run"
-    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return common_gpu_slug() if DEVICE == "cuda" else "cpu-dry-run"
 
 
 def _sync() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import re
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The checkout's package, whether or not it is installed.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
 import rotalabs_accel  # noqa: E402
-from common import Row, bench_ms, copy_ceiling_gbps, gbps, try_liger, write_results  # noqa: E402
+from common import Row, bench_ms, copy_ceiling_gbps, gbps, gpu_slug, try_liger, write_results  # noqa: E402
 from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused  # noqa: E402
 
 DEVICE = "cuda"
@@ -81,11 +80,6 @@ def eager_hf(x, w, eps=EPS):
 def eager_hf_add(x, r, w, eps=EPS):
     s = x + r
     return eager_hf(s, w, eps), s
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 class Bench:

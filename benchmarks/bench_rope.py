@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import Row, bench_ms, copy_ceiling_gbps, gbps, write_results  # noqa: E402
+from common import Row, bench_ms, copy_ceiling_gbps, gbps, gpu_slug, write_results  # noqa: E402
 from rotalabs_accel import apply_rope, build_rope_cache  # noqa: E402
 
 BATCH, SEQ, HEADS_Q, HEADS_K, HEAD_DIM = 4, 4096, 32, 8, 128
@@ -45,12 +44,6 @@ DTYPE = torch.bfloat16
 # Issue targets (H100, bf16)
 TARGET_FWD_GBPS = 2700.0
 TARGET_FWDBWD_GBPS = 2400.0
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name().lower().replace("nvidia", "").strip()
-    first = name.split()[0] if name.split() else "gpu"
-    return re.sub(r"[^a-z0-9]+", "-", first).strip("-") or "gpu"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import Row, bench_ms, copy_ceiling_gbps, gbps, write_results  # noqa: E402
+from common import Row, bench_ms, copy_ceiling_gbps, gbps, gpu_slug, write_results  # noqa: E402
 from rotalabs_accel import SwiGLU, swiglu_fused  # noqa: E402
 
 ACT_SHAPES = [(16384, 14336), (4096, 11008)]
@@ -57,14 +56,6 @@ ELT = 2
 TARGET_FWD_GBPS = 2900
 TARGET_FWDBWD_GBPS = 2500
 TARGET_FFN_SPEEDUP_VS_HF = 1.05
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name()
-    match = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper().replace("NVIDIA", ""))
-    if match:
-        return match.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def log(msg: str) -> None:

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,6 +34,12 @@ class Row:
     pct_of_ceiling: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def gpu_slug() -> str:
+    """The current CUDA device's name as a file-name slug, e.g. ``h100-80gb-hbm3``."""
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
 def bench_ms(fn: Callable[[], object], warmup: int = 50, rep: int = 200) -> float:
