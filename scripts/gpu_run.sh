@@ -36,9 +36,11 @@ status=0
 for step in $steps; do
   case $step in
     tests)
-      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --timeout=120 ${TEST_PATHS:-tests} -m "not slow" \
-        >"$OUT/gpu_tests.log" 2>&1 || status=1
-      tail -n 25 "$OUT/gpu_tests.log";;
+      # -v names every result as it happens, so a run stopped by its time limit still says what failed
+      timeout ${TEST_TIMEOUT:-480} python3 -m pytest -v -n ${TEST_WORKERS:-8} -rfE --tb=short -p no:cacheprovider \
+        --timeout=200 ${TEST_PATHS:-tests} -m "not slow" >"$OUT/gpu_tests.log" 2>&1 || status=1
+      grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -n 40
+      tail -n 3 "$OUT/gpu_tests.log";;
     bench|sweep)
       for b in $BENCHES; do
         extra=""; [ "$step" = sweep ] && extra="--sweep"
