@@ -23,6 +23,8 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 tests
+	# the docstring examples (they become the API docs) run as written
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 -p no:warnings --doctest-modules src/rotalabs_accel
 	$(BIN)/ruff check src tests benchmarks scripts
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
