@@ -546,3 +546,33 @@ def test_gpu_second_device():
         assert out.device == x.device
         expected = int8_gemm(x.cpu(), q.cpu(), s.cpu(), b.cpu(), kernel=kernel)
         assert rel_err(out, expected) < 2**-7
+
+
+# --------------------------------------------------------------------------------------------------
+# Every tuned configuration computes the right product (the sweep that chose them only timed them)
+# --------------------------------------------------------------------------------------------------
+def _tuned_configs():
+    from rotalabs_accel.triton_kernels import int8_config
+
+    seen = {}
+    for (_, bucket, _, _), (variant, cfg) in int8_config.TUNED.items():
+        seen.setdefault((variant, cfg), bucket)
+    return [pytest.param(variant, cfg, bucket, id=f"{variant}-{i}") for i, ((variant, cfg), bucket)
+            in enumerate(sorted(seen.items(), key=repr))]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("variant, cfg, bucket", _tuned_configs())
+def test_every_tuned_config_is_correct(device, variant, cfg, bucket):
+    from rotalabs_accel.triton_kernels.int8_gemm import w8a8_linear, w8a16_linear
+
+    # odd N and K (masks on every edge), M from the configuration's bucket (bounded: interpreter cost)
+    m = {"1": 1, "16": 5, "64": 17, "256": 33}.get(bucket, 70)
+    x, q, s, b = _problem(m, 40, 300, torch.bfloat16, device=device)
+    if variant == "w8a8":
+        out = w8a8_linear(x, q, s, b, config=cfg)
+        assert_within_torch_error(out, w8a8_linear_reference(x, q, s, b), _w8a8_exact64(x, q, s, b),
+                                  torch.bfloat16)
+    else:
+        _check_w8a16(w8a16_linear(x, q, s, b, kernel=variant, config=cfg), x, q, s, b)
