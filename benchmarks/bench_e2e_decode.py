@@ -48,25 +48,12 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import RESULTS_DIR, Row, copy_ceiling_gbps, gpu_slug, write_results  # noqa: E402
+from common import LLAMA3_8B, RESULTS_DIR, Row, copy_ceiling_gbps, gpu_slug, write_results  # noqa: E402
 from rotalabs_accel import optimize_model  # noqa: E402
 from rotalabs_accel.generation import StaticCacheDecoder  # noqa: E402
 
 OP = "decode_llama3_8b"
 
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
 TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 

@@ -55,23 +55,11 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import RESULTS_DIR, Row, gemm_ceiling_tflops, gpu_slug, write_results  # noqa: E402
+from common import LLAMA3_8B, RESULTS_DIR, Row, gemm_ceiling_tflops, gpu_slug, write_results  # noqa: E402
 
 OP = "llama3_8b_2L_fwdbwd"
 
-LLAMA3_8B_2L = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=2,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B_2L = dict(LLAMA3_8B, num_hidden_layers=2)
 TINY = dict(LLAMA3_8B_2L, hidden_size=128, intermediate_size=256, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32)
 

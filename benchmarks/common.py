@@ -22,6 +22,21 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# Llama-3-8B-shaped transformers LlamaConfig arguments (random weights; the end-to-end benchmarks)
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+
 
 @dataclass
 class Row:
