@@ -538,8 +538,8 @@ def _rmsnorm_fwd_lookback_kernel(
                 cols = start + offs
                 mask = cols < N
                 if HAS_RESIDUAL:
-                    xf = tl.load(S + row64 * stride_s + cols, mask=mask, other=0.0, cache_modifier=".cg",
-                                 eviction_policy="evict_first")
+                    # ptxas refuses ".cg" together with an eviction policy; the ordering matters more.
+                    xf = tl.load(S + row64 * stride_s + cols, mask=mask, other=0.0, cache_modifier=".cg")
                 else:
                     xf = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0,
                                  eviction_policy="evict_first")
