@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run the GPU test suite and the benchmarks on a CUDA machine, from the repository root.
-#   OUT=/path bash scripts/gpu_run.sh [tests] [bench] [sweep]      (default: tests bench)
+#   OUT=/path bash scripts/gpu_run.sh [tests] [bench] [sweep] [cli]     (default: tests bench)
 # Wheels of peers (liger-kernel) found in .whl/ are installed to /tmp/site first. Results (JSON + MD per
-# benchmark) and logs go to $OUT; BENCHES selects benchmarks (default: all), BENCH_ARGS adds options.
+# benchmark) and logs go to $OUT; BENCHES selects benchmarks (default: the four kernel benchmarks; also
+# e2e_train, e2e_decode, cross_entropy), BENCH_ARGS adds options to every benchmark and ARGS_<name>
+# (e.g. ARGS_e2e_decode="--layers 8") to one. TEST_PATHS / TEST_ARGS narrow the test run. `cli` runs
+# `rotalabs-accel info` and `rotalabs-accel bench --plot` as a user would.
 set -u
 OUT=${OUT:-$PWD/.gpu_out}
 mkdir -p "$OUT/results"
@@ -38,17 +41,23 @@ for step in $steps; do
     tests)
       # -v names every result as it happens, so a run stopped by its time limit still says what failed
       timeout ${TEST_TIMEOUT:-480} python3 -m pytest -v -n ${TEST_WORKERS:-8} -rfE --tb=short -p no:cacheprovider \
-        --timeout=200 ${TEST_PATHS:-tests} -m "not slow" >"$OUT/gpu_tests.log" 2>&1 || status=1
+        --timeout=200 ${TEST_PATHS:-tests} -m "not slow" ${TEST_ARGS:-} >"$OUT/gpu_tests.log" 2>&1 || status=1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -n 40
       tail -n 3 "$OUT/gpu_tests.log";;
     bench|sweep)
       for b in $BENCHES; do
         extra=""; [ "$step" = sweep ] && extra="--sweep"
-        echo "== bench_$b $extra"
-        timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_$b.py --out "$OUT/results" $extra ${BENCH_ARGS:-} \
+        own="ARGS_$b"
+        echo "== bench_$b $extra ${!own:-}"
+        timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_$b.py --out "$OUT/results" $extra ${BENCH_ARGS:-} ${!own:-} \
           >"$OUT/results/bench_${b}${extra:+_sweep}.log" 2>&1 || { status=1; echo "bench_$b failed"; }
         tail -n 40 "$OUT/results/bench_${b}${extra:+_sweep}.log"
       done;;
+    cli)
+      python3 -m rotalabs_accel info >"$OUT/results/cli_info.txt" 2>&1 || status=1
+      timeout ${BENCH_TIMEOUT:-300} python3 -m rotalabs_accel bench --no-progress --plot "$OUT/results/cli_bench.png" \
+        >"$OUT/results/cli_bench.txt" 2>&1 || { status=1; echo "rotalabs-accel bench failed"; }
+      cat "$OUT/results/cli_info.txt"; tail -n 60 "$OUT/results/cli_bench.txt";;
   esac
 done
 tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
