@@ -400,11 +400,12 @@ def _candidates(variant: str, m: int, best: list | None = None):
     if variant == "gemv":
         if best:  # second pass: split-K and pipeline depth around the best tiles
             for cfg in best:
-                for split, stages in itertools.product((1, 2, 4, 8, 16), (2, 3, 4)):
+                for split, stages in itertools.product((1, 2, 4, 8, 16), (1, 2, 3)):
                     if (split, stages) != (cfg.split_k, cfg.num_stages):
                         yield GemvConfig(cfg.block_n, cfg.block_k, split, cfg.num_warps, stages)
             return
-        for (bn, bk, warps), stages in itertools.product(_gemv_tiles(m), (3, 4) if m == 1 else (4,)):
+        # stages 1: register loads only (the decode winner on an H100); 3: cp.async pipeline
+        for (bn, bk, warps), stages in itertools.product(_gemv_tiles(m), (1, 3) if m == 1 else (1,)):
             yield GemvConfig(bn, bk, 1, warps, stages)
     elif variant in ("splitk", "gemm"):
         splits = [1] if variant == "gemm" else ([2, 4, 8] if m <= 16 else [2, 4])

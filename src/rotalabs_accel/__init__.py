@@ -20,6 +20,8 @@ from .kernels.gemm import Int8Linear
 from .kernels.normalization import TritonRMSNorm
 from .kernels.rope import RotaryEmbedding
 from .quantization.symmetric import (
+    Int8Embedding,
+    QuantizationReport,
     QuantizedLinear,
     dequantize,
     quantize_model,
@@ -36,6 +38,8 @@ __all__ = [
     "RotaryEmbedding",
     "Int8Linear",
     "QuantizedLinear",
+    "Int8Embedding",
+    "QuantizationReport",
     "rmsnorm",
     "rmsnorm_residual_fused",
     "swiglu_fused",

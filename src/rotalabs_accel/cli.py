@@ -854,7 +854,8 @@ def plot_results(result: dict, path: str) -> None:
         raise ValueError("nothing to plot: no benchmark rows")
     fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.6 * len(ops)), squeeze=False)
     # One color per implementation across every panel; this library's always the same, first.
-    palette = ["tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    palette = ["tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan", "tab:gray"]
     colors: dict[str, str] = {"rotalabs-accel": palette[0]}
     env = result["env"]
     fig.suptitle(f"rotalabs-accel bench · {env['device']} · {env['dtype']} · {env['pass']}", fontsize=12)
@@ -865,7 +866,8 @@ def plot_results(result: dict, path: str) -> None:
         metric = "speedup" if op == "int8_linear" else "GBps"
         width = 0.8 / max(1, len(impls))
         for i, impl in enumerate(impls):
-            color = colors.setdefault(impl, palette[len(colors) % len(palette)])
+            # distinct until the palette runs out (then colors repeat, never this library's red)
+            color = colors.setdefault(impl, palette[1 + (len(colors) - 1) % (len(palette) - 1)])
             values = []
             for s in shapes:
                 match = [r for r in op_rows if r["shape"] == s and r["impl"] == impl]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.normalization import TritonRMSNorm
+from .quantization.symmetric import Int8Embedding
 
 __all__ = ["StaticCacheDecoder", "SUPPORTED_MODEL_TYPES"]
 
@@ -243,10 +244,11 @@ class StaticCacheDecoder:
         self.cache_len = _CACHE_ALIGN * math.ceil(max_seq_len / _CACHE_ALIGN)
         self._check_window(config)
 
-        embed_weight = inner.embed_tokens.weight
-        self.device = embed_weight.device
-        self.dtype = embed_weight.dtype
+        embed = inner.embed_tokens
+        # An Int8Embedding's ``weight`` is a dequantized copy of the whole table: read its dtype instead.
+        self.dtype = embed.dtype if isinstance(embed, Int8Embedding) else embed.weight.dtype
         devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+        self.device = next(iter(devices))
         if len(devices) > 1:
             raise ValueError(
                 "StaticCacheDecoder: the model must live on one device (the cache and the captured step "

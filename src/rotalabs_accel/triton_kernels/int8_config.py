@@ -128,10 +128,11 @@ AUTO_KERNEL: dict[str, str] = {
 # Defaults per variant and M bucket (every variant works for every M, so tests can force each one).
 DEFAULTS: dict[str, dict[str, GemvConfig | DotConfig]] = {
     "gemv": {
-        # 4 x 1024 int8 per step: 16-byte loads for 4 warps, 3 steps in flight per program, and
-        # N / 4 programs (1024 for N = 4096: about 8 per SM, all resident at once)
-        "1": GemvConfig(block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=4),
-        "16": GemvConfig(block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=4),
+        # 4 x 1024 int8 per step: 16-byte loads for 4 warps, register loads (no shared-memory
+        # pipeline: faster at M = 1 on an H100), N / 4 programs (1024 for N = 4096: about 8 per SM,
+        # all resident at once, which is what keeps the weight bytes in flight)
+        "1": GemvConfig(block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=1),
+        "16": GemvConfig(block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=1),
         # a forced GEMV at larger M (one program per row): wider tiles, fewer programs
         "64": GemvConfig(block_n=16, block_k=512, split_k=1, num_warps=4, num_stages=3),
         "256": GemvConfig(block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=3),
@@ -177,9 +178,11 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     # Measured on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `benchmarks/bench_int8_linear.py --sweep-only`:
     # sweep 2 = benchmarks/results/sweeps/int8_linear-sweep-h100-80gb-hbm3-2026-11-25.json (current kernels),
     # sweep 1 = the earlier sweep of the same day, kept only for keys sweep 2 did not cover.
-    ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=3)),  # 12.7 us (sweep 2)
-    ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=4)),  # 31.5 us (sweep 2)
-    ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=8, block_k=256, split_k=1, num_warps=2, num_stages=3)),  # 31.2 us (sweep 2)
+# "gemv structure run" = `scripts/gemv_variants.py` (benchmarks/results/sweeps/gemv-variants-*.json): the
+# GEMV with register loads and cache hints, whose structure replaced the pipelined one.
+    ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=2, block_k=1024, split_k=1, num_warps=2, num_stages=1)),  # 12.3 us (gemv structure run)
+    ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=2, block_k=2048, split_k=1, num_warps=4, num_stages=1)),  # 27.8 us (gemv structure run)
+    ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1)),  # 28.2 us (gemv structure run)
     ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 15.3 us (sweep 2)
     ("auto", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=4, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.6 us (sweep 2)
     ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 33.8 us (sweep 2)

@@ -175,16 +175,18 @@ def _w8a16_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K // SUB_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # The pipeline keeps NUM_STAGES - 1 weight tiles in flight per program (cp.async into shared
-    # memory); the activation chunk travels with them and is read back in the weight's layout.
+    # NUM_STAGES == 1 (the tuned decode entries): plain register loads, the weight bytes in flight
+    # coming from the many resident programs; on an H100 this beats staging tiles through shared
+    # memory with cp.async (NUM_STAGES >= 2) by 5-13% at M = 1 (scripts/gemv_variants.py). The
+    # weight is read once: evict it first and keep the activation row, which every program reads.
     for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, eviction_policy="evict_last")
         else:
             k_in = offs_k < K - k_start - k0
-            w = tl.load(w_ptrs, mask=k_in[None, :], other=0)
-            x = tl.load(x_ptrs, mask=k_in, other=0.0)
+            w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=k_in, other=0.0, eviction_policy="evict_last")
         prod = _int8_to_f32(w) * x.to(tl.float32)[None, :]
         if GROUP_SIZE > 0:
             part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // SUB_K, SUB_K)), axis=2)
