@@ -179,9 +179,11 @@ def test_optimized_model_decodes_like_its_own_generate(quantize):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", kernel_devices())
-def test_optimized_model_through_the_triton_kernels(device):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_optimized_model_through_the_triton_kernels(device, quantize):
+    # int8: the decode steps run q/k/v and gate/up as grouped GEMV launches
     model = _model(layers=1, hidden_size=32, intermediate_size=48, head_dim=8).to(device)
-    optimize_model(model)
+    optimize_model(model, quantize=quantize)
     prompt = _prompt(batch=1, seq=3).to(device)
     expected = _hf_generate(model, prompt, 2)
     with use_backend("triton"):

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.gemm import linears_of_one_input
 from .kernels.normalization import TritonRMSNorm
 from .quantization.symmetric import Int8Embedding
 
@@ -93,7 +94,8 @@ def _attention(
         k = qkv[..., q_size : q_size + kv_size]
         v = qkv[..., q_size + kv_size :]
     else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        # int8 projections: one GEMV launch for the three at decode
+        q, k, v = linears_of_one_input(x, (attn.q_proj, attn.k_proj, attn.v_proj))
     q = q.view(b, s, geo.heads, d)
     k = k.view(b, s, geo.kv_heads, d)
     v = v.view(b, s, geo.kv_heads, d)

@@ -9,7 +9,7 @@ from ..ops import int8 as _ops
 from ..reference.int8 import W8A8_MAX_K, int8_linear_reference, w8a8_linear_reference
 from ..utils import autocast_enabled
 
-__all__ = ["int8_gemm", "MODES", "KERNELS", "W8A8_AUTO_MIN_TOKENS"]
+__all__ = ["int8_gemm", "int8_gemm_group", "MODES", "KERNELS", "W8A8_AUTO_MIN_TOKENS"]
 
 MODES = ("auto", "w8a16", "w8a8")
 KERNELS = ("auto", "gemv", "splitk", "gemm", "w8a8")
@@ -211,3 +211,102 @@ def _int8_gemm(x, weight_int8, scale, bias, group_size, mode, kernel):
     else:
         out = _ops.int8_linear(x, weight_int8, scale, bias, gs, w8a8, kernel)
     return out if lead is None else out.reshape(*lead, n)
+
+
+def int8_gemm_group(
+    x: torch.Tensor,
+    weights: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    scales: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    biases: list[torch.Tensor | None] | tuple[torch.Tensor | None, ...] | None = None,
+    *,
+    group_size: int | None = None,
+    mode: str = "auto",
+    concat: bool = False,
+):
+    r"""Several int8 linear layers applied to the same input: ``int8_gemm(x, w_i, s_i, b_i)`` for each ``i``.
+
+    The result equals the separate :func:`int8_gemm` calls. For one row of ``x`` (decode) with 2 or 3
+    per-channel weights, no gradient to track and the Triton backend, the weights are streamed by one
+    GEMV launch writing a packed ``[..., sum N_i]`` buffer and the outputs are column views of it: the
+    query/key/value projections of an attention layer (whose key and value weights are too small to
+    keep the GPU's memory busy on their own) or the gate and up projections of an MLP. Otherwise each
+    layer runs on its own.
+
+    Args:
+        x: activations ``[..., K]``.
+        weights: int8 ``[N_i, K]`` each.
+        scales: fp32 ``[N_i]`` each (or ``[N_i, ceil(K / group_size)]`` with ``group_size``).
+        biases: ``[N_i]`` or ``None`` per weight, or ``None`` for none at all.
+        group_size, mode: as for :func:`int8_gemm`, shared by every weight.
+        concat: return the fused path's packed ``[..., sum N_i]`` buffer itself, and ``None`` where
+            the layers would run one by one (so a caller never pays for a concatenation).
+
+    Returns:
+        A tuple of ``[..., N_i]`` tensors in ``x.dtype`` (column views of one buffer on the fused path);
+        with ``concat``, the packed tensor or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from rotalabs_accel import quantize_weight_per_channel
+        >>> from rotalabs_accel.functional.gemm import int8_gemm, int8_gemm_group
+        >>> x = torch.randn(1, 64)
+        >>> q1, s1 = quantize_weight_per_channel(torch.randn(32, 64))
+        >>> q2, s2 = quantize_weight_per_channel(torch.randn(16, 64))
+        >>> a, b = int8_gemm_group(x, [q1, q2], [s1, s2])
+        >>> torch.equal(a, int8_gemm(x, q1, s1)) and b.shape == (1, 16)
+        True
+    """
+    if not isinstance(weights, (list, tuple)) or not isinstance(scales, (list, tuple)) or not weights:
+        raise TypeError("int8_gemm_group: weights and scales must be non-empty lists of tensors")
+    if len(scales) != len(weights):
+        raise ValueError(f"int8_gemm_group: {len(weights)} weights but {len(scales)} scales")
+    if biases is None:
+        biases = [None] * len(weights)
+    elif len(biases) != len(weights):
+        raise ValueError(f"int8_gemm_group: {len(weights)} weights but {len(biases)} biases")
+    for w, s, b in zip(weights, scales, biases):
+        _validate(x, w, s, b, group_size, mode, "auto")
+    if _fused_group_ok(x, weights, scales, biases, group_size, mode):
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        scales = [s if s.dtype == torch.float32 else s.float() for s in scales]
+        packed_biases = list(biases)
+        if torch.compiler.is_compiling():
+            out = torch.ops.rotalabs_accel.int8_gemv_group(rows, list(weights), scales, packed_biases)
+        else:
+            out = _ops.int8_gemv_group(rows, list(weights), scales, packed_biases)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        if concat:
+            return out
+        views, start = [], 0
+        for w in weights:
+            views.append(out[..., start : start + w.shape[0]])
+            start += w.shape[0]
+        return tuple(views)
+    if concat:
+        return None
+    return tuple(
+        int8_gemm(x, w, s, b, group_size=group_size, mode=mode) for w, s, b in zip(weights, scales, biases)
+    )
+
+
+def _fused_group_ok(x, weights, scales, biases, group_size, mode) -> bool:
+    if not 2 <= len(weights) <= 3 or group_size is not None or x.dtype not in _KERNEL_DTYPES:
+        return False
+    if x.numel() != x.shape[-1] or x.shape[-1] == 0:  # one row (decode), non-empty
+        return False
+    if _uses_w8a8(mode, "auto", 1, None) or autocast_enabled(x.device.type):
+        return False
+    first_bias = biases[0]
+    if any((b is None) != (first_bias is None) for b in biases):
+        return False
+    if first_bias is not None and any(b.dtype != first_bias.dtype for b in biases):
+        return False
+    # the grouped launch has no backward; the separate calls do
+    needs_grad = x.requires_grad or any(b is not None and b.requires_grad for b in biases)
+    if needs_grad and torch.is_grad_enabled():
+        return False
+    tensors = [x, *weights, *scales, *(b for b in biases if b is not None)]
+    return select_backend("int8_gemm", *tensors) == "triton"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional.activations import packed_pair, swiglu_ffn, swiglu_fused
+from .gemm import linears_of_one_input
 
 __all__ = ["SwiGLU", "swiglu_fused"]
 
@@ -124,6 +125,10 @@ class SwiGLU(nn.Module):
             )
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if not self._plain_projections():
+            # int8 gate/up: one GEMV launch at decode, its packed [..., 2I] output read as is
+            gate_up = linears_of_one_input(x, (gate, up), concat=True)
+            if gate_up is not None:
+                return down(swiglu_fused(gate_up))
             return down(swiglu_fused(gate(x), up(x)))
         if self.fused_gate_up and not self._warned_unpacked and not torch.compiler.is_compiling():
             if not self.gate_up_packed:

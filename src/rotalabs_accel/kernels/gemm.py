@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from ..functional.gemm import MODES, int8_gemm
+from ..functional.gemm import MODES, int8_gemm, int8_gemm_group
 from ..reference.int8 import dequantize_weight_reference, quantize_weight_reference
 
-__all__ = ["Int8Linear", "int8_gemm"]
+__all__ = ["Int8Linear", "int8_gemm", "linears_of_one_input"]
 
 
 def _check_group_size(group_size) -> None:
@@ -227,3 +227,64 @@ class Int8Linear(nn.Module):
             else:
                 self._buffers["scale"] = scale.to(moved.device)
         return result
+
+
+def _plain_int8(layer: nn.Module) -> bool:
+    # Subclasses that override forward, and hooks, need the module call itself.
+    return (
+        isinstance(layer, Int8Linear)
+        and type(layer).forward in _PLAIN_FORWARDS
+        and layer._quantized
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+    )
+
+
+_PLAIN_FORWARDS: set = {Int8Linear.forward}
+
+
+def linears_of_one_input(x: torch.Tensor, layers, *, concat: bool = False):
+    """``tuple(layer(x) for layer in layers)``, fused into one launch for int8 layers where it pays.
+
+    When every layer is an :class:`Int8Linear` (or ``QuantizedLinear``) with per-channel scales and the
+    same ``mode``, the weights go through :func:`~rotalabs_accel.functional.gemm.int8_gemm_group`,
+    which streams them in one GEMV launch for a single row of ``x`` (decode) and otherwise runs them one
+    by one. Any other layer (``nn.Linear``, LoRA, hooks) is simply called.
+
+    Args:
+        x: ``[..., in_features]``, the input every layer reads.
+        layers: the layers (e.g. ``(q_proj, k_proj, v_proj)`` or ``(gate_proj, up_proj)``).
+        concat: return the fused launch's packed ``[..., sum out_features_i]`` output itself, or
+            ``None`` when the layers would not share a launch (the caller then calls them).
+
+    Returns:
+        One output per layer, ``[..., out_features_i]`` (column views of one buffer when fused); with
+        ``concat``, the packed tensor or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from rotalabs_accel import QuantizedLinear
+        >>> from rotalabs_accel.kernels.gemm import linears_of_one_input
+        >>> q = QuantizedLinear.from_linear(torch.nn.Linear(64, 64, bias=False))
+        >>> k = QuantizedLinear.from_linear(torch.nn.Linear(64, 16, bias=False))
+        >>> x = torch.randn(1, 1, 64)
+        >>> a, b = linears_of_one_input(x, (q, k))
+        >>> torch.equal(a, q(x)) and torch.equal(b, k(x))
+        True
+    """
+    first = layers[0]
+    if (
+        len(layers) > 1
+        and all(_plain_int8(layer) for layer in layers)
+        and all(layer.group_size is None and layer.mode == first.mode for layer in layers)
+    ):
+        biases = [layer.bias for layer in layers]
+        return int8_gemm_group(
+            x,
+            [layer.weight_int8 for layer in layers],
+            [layer.scale for layer in layers],
+            None if all(b is None for b in biases) else biases,
+            mode=first.mode,
+            concat=concat,
+        )
+    return None if concat else tuple(layer(x) for layer in layers)

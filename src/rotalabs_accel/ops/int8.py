@@ -13,11 +13,14 @@ whose other parameters are being fine-tuned.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..reference.int8 import int8_linear_input_grad
 
-__all__ = ["Int8LinearFunction", "int8_linear", "int8_linear_op", "int8_linear_w8a8_op"]
+__all__ = ["Int8LinearFunction", "int8_linear", "int8_linear_op", "int8_linear_w8a8_op", "int8_gemv_group",
+           "int8_gemv_group_op"]
 
 _kernel_module = None
 
@@ -146,3 +149,35 @@ torch.library.register_autograd("rotalabs_accel::int8_linear", _op_backward, set
 torch.library.register_autograd(
     "rotalabs_accel::int8_linear_w8a8", _op_backward_w8a8, setup_context=_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# Several weights of one input in one launch (inference only: no autograd). ``biases`` holds one
+# entry per weight, all tensors or all None (torch.library has no optional list).
+# --------------------------------------------------------------------------------------------------
+
+
+def int8_gemv_group(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    biases: list[Optional[torch.Tensor]],  # noqa: UP045 (the form torch.library reads)
+) -> torch.Tensor:
+    """Eager entry: ``[M, sum N_i]``, the outputs of each weight side by side (no gradient)."""
+    return (_kernel_module or _kernels()).w8a16_gemv_group(x, weights, scales, biases)
+
+
+@torch.library.custom_op("rotalabs_accel::int8_gemv_group", mutates_args=())
+def int8_gemv_group_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    biases: list[Optional[torch.Tensor]],  # noqa: UP045 (the form torch.library reads)
+) -> torch.Tensor:
+    """W8A16 GEMV over 2-3 per-channel weights sharing ``x``; outputs side by side."""
+    return (_kernel_module or _kernels()).w8a16_gemv_group(x, weights, scales, biases)
+
+
+@int8_gemv_group_op.register_fake
+def _int8_gemv_group_fake(x, weights, scales, biases):
+    return x.new_empty((x.shape[0], sum(w.shape[0] for w in weights)))

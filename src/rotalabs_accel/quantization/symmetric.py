@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.gemm import Int8Linear
+from ..kernels.gemm import _PLAIN_FORWARDS, Int8Linear
 from ..reference.int8 import (
     dequantize_reference,
     dequantize_weight_reference,
@@ -347,6 +347,10 @@ def _int8_embedding_lookup(
         scales = scales[..., groups]
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     return (rows.to(ct) * scales.to(ct)).to(dtype)
+
+
+# QuantizedLinear computes what Int8Linear does: layers of one input may share a launch.
+_PLAIN_FORWARDS.add(QuantizedLinear.forward)
 
 
 class Int8Embedding(nn.Module):

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
-from ._launch import KernelLaunch
+from ._launch import KernelLaunch, launch
 from .int8_config import (
     DotConfig,
     GemvConfig,
@@ -48,6 +48,7 @@ from .int8_config import (
 
 __all__ = [
     "w8a16_linear",
+    "w8a16_gemv_group",
     "w8a8_linear",
     "w8a8_gemm",
     "quantize_rows",
@@ -210,6 +211,84 @@ def _w8a16_gemv_kernel(
         # fp32 partial sums of this K slice; the reduction kernel applies scale and bias
         plane = (pid_k * M + pid_m).to(tl.int64) * N
         tl.store(part_ptr + plane + offs_n, out, mask=offs_n < N)
+
+
+# --------------------------------------------------------------------------------------------------
+# W8A16 group GEMV: several weights that read the same x (q/k/v, gate/up) in one launch
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _w8a16_gemv_group_kernel(
+    x_ptr,
+    w0_ptr,
+    s0_ptr,
+    b0_ptr,
+    w1_ptr,
+    s1_ptr,
+    b1_ptr,
+    w2_ptr,
+    s2_ptr,
+    b2_ptr,
+    out_ptr,
+    M,
+    N0,
+    N1,
+    N2,
+    K,
+    stride_xm,
+    stride_w0,
+    stride_w1,
+    stride_w2,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # The programs of weight 0 come first, then those of weight 1 and 2 (N2 = 0: none); each
+    # writes its columns of the packed output [M, N0 + N1 + N2]. One launch streams all the weights:
+    # at decode the small k/v projections alone leave most SMs idle and pay a launch each.
+    pid = tl.program_id(0)
+    pid_m = pid % M
+    pid_n = pid // M
+    blocks0 = tl.cdiv(N0, BLOCK_N)
+    blocks1 = tl.cdiv(N1, BLOCK_N)
+    if pid_n < blocks0:
+        w_ptr, s_ptr, b_ptr, n, stride_wn = w0_ptr, s0_ptr, b0_ptr, N0, stride_w0
+        first = pid_n * BLOCK_N
+        col = N0 * 0
+    elif pid_n < blocks0 + blocks1:
+        w_ptr, s_ptr, b_ptr, n, stride_wn = w1_ptr, s1_ptr, b1_ptr, N1, stride_w1
+        first = (pid_n - blocks0) * BLOCK_N
+        col = N0
+    else:
+        w_ptr, s_ptr, b_ptr, n, stride_wn = w2_ptr, s2_ptr, b2_ptr, N2, stride_w2
+        first = (pid_n - blocks0 - blocks1) * BLOCK_N
+        col = N0 + N1
+    offs_n = first + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, n - 1)  # out-of-range rows re-read the last one; never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, eviction_policy="evict_last")
+        else:
+            k_in = offs_k < K - k0
+            w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=k_in, other=0.0, eviction_policy="evict_last")
+        acc += _int8_to_f32(w) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    out = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
+    if HAS_BIAS:
+        out = out + tl.load(b_ptr + rows).to(tl.float32)
+    dst = out_ptr + pid_m.to(tl.int64) * stride_om + col + offs_n
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=offs_n < n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,6 +723,59 @@ def _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_s
     site(args, spec)
     if reduce is not None:
         reduce((part, scale, b_arg, out, m, n, stride_sn), spec)
+
+
+def w8a16_gemv_group(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """``[x @ (w_i * s_i)^T + b_i for each i]`` side by side, ``[M, sum N_i]``, in one launch.
+
+    For two or three weights of one input (q/k/v, gate/up) at small M: the GEMV of
+    :func:`w8a16_linear` over all of them at once. Per-channel fp32 scales ``[N_i]``; ``biases``
+    all tensors of one dtype, all ``None``, or ``None``.
+    """
+    if biases is not None and all(b is None for b in biases):
+        biases = None
+    if not 2 <= len(weights) <= 3 or len(scales) != len(weights):
+        raise ValueError(f"w8a16_gemv_group: 2 or 3 weights with one scale each, got {len(weights)} "
+                         f"weights and {len(scales)} scales")
+    m, k = x.shape
+    ns = [w.shape[0] for w in weights]
+    total = sum(ns)
+    out = torch.empty((m, total), device=x.device, dtype=x.dtype)
+    if m == 0 or total == 0:
+        return out
+    if k == 0:
+        return out.zero_() if biases is None else out.copy_(torch.cat(list(biases)).expand(m, total))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    weights = [w if w.stride(1) == 1 else w.contiguous() for w in weights]
+    scales = [s if s.stride(0) == 1 else s.contiguous() for s in scales]
+    has_bias = biases is not None
+    if has_bias:
+        biases = [b if b.stride(0) == 1 else b.contiguous() for b in biases]
+    while len(weights) < 3:  # an empty third weight: no programs
+        weights, scales, ns = weights + [weights[-1]], scales + [scales[-1]], ns + [0]
+        if has_bias:
+            biases = biases + [biases[-1]]
+    bs = biases if has_bias else scales
+    # Register loads, 16+ bytes per thread per step (scripts/gemv_variants.py on an H100: the small
+    # tiles win at N <= 8192, the 4-row ones beyond).
+    block_n = 2 if total <= 8192 else 4
+    block_k = min(1024, triton.next_power_of_2(k))
+    num_warps = 2 if block_n * block_k <= 2048 else 4
+    grid = (m * sum(triton.cdiv(n, block_n) for n in ns),)
+    args = (x, weights[0], scales[0], bs[0], weights[1], scales[1], bs[1], weights[2], scales[2], bs[2], out,
+            m, ns[0], ns[1], ns[2], k, x.stride(0), weights[0].stride(0), weights[1].stride(0),
+            weights[2].stride(0), out.stride(0))
+    index = x.get_device()
+    constexprs = {"HAS_BIAS": has_bias, "EVEN_K": k % block_k == 0, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                  "NUM_STAGES": 1}
+    _on_device(index, lambda: launch(_w8a16_gemv_group_kernel, grid, args, num_warps, 1, **constexprs))
+    return out
 
 
 def quantize_rows(x: torch.Tensor, config: QuantConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
