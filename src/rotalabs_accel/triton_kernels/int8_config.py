@@ -184,7 +184,7 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=2, block_k=2048, split_k=1, num_warps=4, num_stages=1)),  # 27.8 us (gemv structure run)
     ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1)),  # 28.2 us (gemv structure run)
     ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 15.3 us (sweep 2)
-    ("auto", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=4, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.6 us (sweep 2)
+    ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 37.2 us in the INT8 benchmark as forced gemm (split-K 4 measured 41-56 us there)
     ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 33.8 us (sweep 2)
     ("auto", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 24.3 us (sweep 2)
     ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 2)
