@@ -18,8 +18,10 @@ for the whole process) on weights built from the same seed (checked by a fingerp
   fused linear cross entropy, which never materialises the logits).
 * ``liger (no FLCE)``: the same without the fused linear cross entropy (Hugging Face's loss on logits).
 * ``liger (CE kernel)``: without the fused linear cross entropy, with Liger's cross-entropy kernel.
-* ``rotalabs``: ``optimize_model(model)`` (RMSNorm, SwiGLU, RoPE, fused residual add + RMSNorm; the loss
-  is Hugging Face's).
+* ``rotalabs (HF loss)``: ``optimize_model(model, cross_entropy=False)`` (RMSNorm, SwiGLU, RoPE, fused
+  residual add + RMSNorm; the loss is Hugging Face's).
+* ``rotalabs``: ``optimize_model(model)``, which also sets the model's loss function to the library's
+  Triton cross entropy (logits read in bf16, never upcast or overwritten).
 
 Per row: median step time over the timed steps (CUDA events per step), model TFLOP/s (``6 x tokens x
 linear parameters`` plus causal attention), peak memory during the timed steps (weights and gradients
@@ -70,7 +72,9 @@ IMPLS = {
     "liger_noflce": ("liger (no FLCE)", "apply_liger_kernel_to_llama(fused_linear_cross_entropy=False)"),
     "liger_ce": ("liger (CE kernel)",
                  "apply_liger_kernel_to_llama(fused_linear_cross_entropy=False, cross_entropy=True)"),
-    "rotalabs": ("rotalabs", "optimize_model(model)"),
+    "rotalabs_hfloss": ("rotalabs (HF loss)",
+                        "optimize_model(model, cross_entropy=False): Hugging Face's loss"),
+    "rotalabs": ("rotalabs", "optimize_model(model): with the Triton cross-entropy loss"),
 }
 
 # The target (H100): this library >= 1.3x eager and faster than Liger-Kernel in the same run.
@@ -163,10 +167,10 @@ def apply_impl(key: str, model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
             fused_linear_cross_entropy=key == "liger", cross_entropy=key == "liger_ce", model=model
         )
         return model, ""
-    if key == "rotalabs":
+    if key in ("rotalabs", "rotalabs_hfloss"):
         from rotalabs_accel import optimize_model
 
-        model, report = optimize_model(model, report=True)
+        model, report = optimize_model(model, cross_entropy=key == "rotalabs", report=True)
         return model, report.summary()
     raise ValueError(f"unknown implementation {key!r}")
 

@@ -9,6 +9,8 @@ from ._backend import get_backend, set_backend, use_backend
 from .functional import (
     apply_rope,
     build_rope_cache,
+    causal_lm_loss,
+    cross_entropy,
     int8_gemm,
     rmsnorm,
     rmsnorm_residual_fused,
@@ -46,6 +48,8 @@ __all__ = [
     "apply_rope",
     "build_rope_cache",
     "int8_gemm",
+    "cross_entropy",
+    "causal_lm_loss",
     "quantize_symmetric",
     "dequantize",
     "quantize_weight_per_channel",

@@ -20,12 +20,18 @@ keys and values, devices, dtypes, ``requires_grad`` flags and any optimizer refe
 * **Residual add + RMSNorm**: in a pre-norm decoder layer whose ``forward`` has the Llama structure
   (checked on its source), ``residual + attn_out`` followed by ``post_attention_layernorm`` runs as one
   :func:`~rotalabs_accel.functional.rmsnorm_residual_fused` call.
+* **Causal-LM loss**: a Hugging Face model whose ``loss_function`` is ``ForCausalLMLoss`` (its loss
+  type is ``ForCausalLM`` or ``ForConditionalGeneration``) gets
+  :func:`~rotalabs_accel.functional.loss.causal_lm_loss` as the loss function of that instance (the
+  ``loss_function`` setter of ``PreTrainedModel``; other models of the class are untouched): the same
+  loss without Hugging Face's fp32 copy of the logits.
 * **INT8** (``quantize="int8"``): the remaining ``nn.Linear`` layers, minus ``skip``, go through
   :func:`~rotalabs_accel.quantization.symmetric.quantize_model`.
 
 Before a replacement is kept it is checked: the old and the new module run on a small random input
 (from a private generator: the global RNG is untouched) and must agree to within the dtype's rounding.
-A module that fails the check stays as it was, with a line in the report saying why.
+A module that fails the check stays as it was, with a line in the report saying why. (The loss
+function is checked the same way, on small random logits and labels, loss and gradient.)
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from torch import nn
 
 from ._backend import use_backend
 from .functional.activations import swiglu_fused
+from .functional.loss import causal_lm_loss
 from .functional.rope import apply_rope
 from .kernels.activations import SwiGLU
 from .kernels.normalization import TritonRMSNorm
@@ -82,9 +89,9 @@ class ReportEntry:
     """One line of an :class:`OptimizationReport`.
 
     Attributes:
-        name: the module's qualified name in the model (``"model.layers.0.mlp"``), or the Python module
-            whose ``apply_rotary_pos_emb`` was patched.
-        kind: ``"rmsnorm"``, ``"mlp"``, ``"rope"``, ``"residual_norm"`` or ``"linear"``.
+        name: the module's qualified name in the model (``"model.layers.0.mlp"``; ``"<root>"`` for the
+            model itself), or the Python module whose ``apply_rotary_pos_emb`` was patched.
+        kind: ``"rmsnorm"``, ``"mlp"``, ``"rope"``, ``"residual_norm"``, ``"loss"`` or ``"linear"``.
         action: ``"replaced"``, ``"patched"``, ``"fused"``, ``"quantized"`` (something changed),
             ``"already"`` (converted by an earlier call) or ``"left"`` (recognised but left alone).
         detail: what was done, or why not.
@@ -140,7 +147,7 @@ class OptimizationReport:
         if not self.entries:
             return (
                 f"optimize_model({self.model_class}): no RMSNorm, SwiGLU MLP, rotary function or Linear "
-                "layer recognised; the model is unchanged"
+                "layer recognised, and no causal-LM loss function; the model is unchanged"
             )
         parts = []
         for kind, (label, verb) in _KIND_LABELS.items():
@@ -170,6 +177,7 @@ _KIND_LABELS = {
     "mlp": ("SwiGLU MLP", "replaced"),
     "rope": ("rotary", "patched"),
     "residual_norm": ("residual add + RMSNorm", "fused"),
+    "loss": ("causal-LM loss", "replaced"),
     "linear": ("Linear", "quantized"),
 }
 
@@ -874,6 +882,93 @@ def _fuse_layer(layer: nn.Module) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Causal-LM loss
+# --------------------------------------------------------------------------------------------------
+
+
+def _settable_loss_function(m: nn.Module) -> bool:
+    """Whether ``type(m)`` has a ``loss_function`` property with a setter (Hugging Face's
+    ``PreTrainedModel``), read without running the getter."""
+    prop = inspect.getattr_static(type(m), "loss_function", None)
+    return isinstance(prop, property) and prop.fset is not None
+
+
+def _hf_loss_mapping() -> dict:
+    """transformers' ``LOSS_MAPPING`` (loss type -> loss function), or ``{}`` when it is not loaded."""
+    mapping = getattr(sys.modules.get("transformers.loss.loss_utils"), "LOSS_MAPPING", None)
+    return mapping if isinstance(mapping, dict) else {}
+
+
+def _check_loss(model: nn.Module, hf_loss: Callable) -> tuple[bool, str]:
+    """Compare :func:`causal_lm_loss` with ``hf_loss`` on small random logits (the model's device and
+    dtype) and labels with ignored positions: the loss and, outside inference mode, its gradient."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    if device.type == "meta":
+        return True, "not checked (meta device)"
+    vocab = 37
+    gen = _check_generator(device)
+    logits = torch.randn(2, 5, vocab, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    labels = torch.randint(0, vocab, (2, 5), generator=gen, device=device)
+    labels[0, 1] = -100
+    with_grad = not torch.is_inference_mode_enabled()
+    results = []
+    try:
+        for fn in (hf_loss, causal_lm_loss):
+            x = logits.clone().requires_grad_(with_grad)
+            with torch.enable_grad():
+                loss = fn(x, labels, vocab_size=vocab)
+                grad = torch.autograd.grad(loss, x)[0] if with_grad else None
+            results.append((loss.detach(), grad))
+    except Exception as exc:  # either loss cannot run here: keep the original
+        return False, f"a loss call failed on a check input ({type(exc).__name__}: {exc})"
+    (expected, expected_grad), (got, got_grad) = results
+    if got.dtype != expected.dtype:
+        return False, f"the replacement returns {got.dtype} where the original returns {expected.dtype}"
+    # Both compute in fp32 from the same logits: the loss agrees to fp32 rounding, the gradient to
+    # one rounding in the logits' dtype.
+    err = _rel_err(got, expected)
+    if not err <= _CHECK_TOL[torch.float32]:
+        return False, f"losses differ on a check input (relative error {err:.2e})"
+    if with_grad:
+        err = _rel_err(got_grad, expected_grad)
+        tol = _CHECK_TOL.get(dtype, 5e-2)
+        if not err <= tol:
+            return False, f"gradients differ on a check input (relative error {err:.2e} > {tol:.0e})"
+    return True, ""
+
+
+def _convert_loss(m: nn.Module, verify: bool) -> tuple[str, str] | None:
+    """Install :func:`causal_lm_loss` on one Hugging Face model instance; ``(action, detail)``, or
+    ``None`` for a model that computes no loss (a base model without a head)."""
+    loss_type = getattr(m, "loss_type", None)
+    if loss_type is None:
+        return None
+    current = m.loss_function
+    if current is causal_lm_loss:
+        return "already", "loss_function is already rotalabs_accel's causal_lm_loss"
+    mapping = _hf_loss_mapping()
+    hf_loss = mapping.get("ForCausalLM")
+    name = getattr(current, "__qualname__", type(current).__name__)
+    if hf_loss is None or mapping.get(loss_type) is not hf_loss:
+        return "left", f"loss type {loss_type!r} ({name}) is not the causal-LM loss; kept"
+    if current is not hf_loss:
+        return "left", f"a custom loss_function ({name}) is set on the model; kept"
+    detail = "ForCausalLMLoss -> causal_lm_loss (this instance's loss_function)"
+    if not verify:
+        detail += ", not checked (verify=False)"
+    else:
+        ok, why = _check_loss(m, hf_loss)
+        if not ok:
+            return "left", f"ForCausalLMLoss left as is: {why}"
+        if why:
+            detail += f", {why}"
+    m.loss_function = causal_lm_loss
+    return "replaced", detail
+
+
+# --------------------------------------------------------------------------------------------------
 # optimize_model
 # --------------------------------------------------------------------------------------------------
 
@@ -960,6 +1055,7 @@ def optimize_model(
     swiglu: bool = True,
     rope: bool = True,
     fuse_residual: bool = True,
+    cross_entropy: bool = True,
     quantize: str | None = None,
     quantize_options: Mapping[str, Any] | None = None,
     skip: Iterable[str] | str = ("lm_head",),
@@ -967,7 +1063,7 @@ def optimize_model(
     report: bool = False,
     verbose: bool = False,
 ) -> nn.Module | tuple[nn.Module, OptimizationReport]:
-    """Convert a model's RMSNorm, SwiGLU MLP, rotary and (optionally) Linear layers in place.
+    """Convert a model's RMSNorm, SwiGLU MLP, rotary, loss and (optionally) Linear layers in place.
 
     Recognised (see the module documentation for the details):
 
@@ -982,6 +1078,11 @@ def optimize_model(
       :func:`revert_rope_patches`).
     * Llama-structured decoder layers: the attention residual add and ``post_attention_layernorm`` run
       as one :func:`~rotalabs_accel.functional.rmsnorm_residual_fused`.
+    * Hugging Face models whose ``loss_function`` is ``ForCausalLMLoss`` (loss type ``ForCausalLM``,
+      ``ForConditionalGeneration``): that instance's ``loss_function`` becomes
+      :func:`~rotalabs_accel.functional.loss.causal_lm_loss` (same result, no fp32 copy of the logits;
+      the logits the model returns are not modified). Other loss types and custom loss functions are
+      left alone and reported.
     * ``quantize="int8"``: the remaining ``nn.Linear`` layers, minus ``skip``, through
       :func:`~rotalabs_accel.quantization.symmetric.quantize_model`.
 
@@ -999,6 +1100,8 @@ def optimize_model(
         rope: patch Hugging Face's ``apply_rotary_pos_emb`` for the model's families.
         fuse_residual: fuse the attention residual add into ``post_attention_layernorm`` in decoder
             layers whose ``forward`` has the Llama structure (needs ``rmsnorm=True``).
+        cross_entropy: install :func:`~rotalabs_accel.functional.loss.causal_lm_loss` as the
+            ``loss_function`` of Hugging Face causal language models (per instance, not per class).
         quantize: ``None`` or ``"int8"`` (per-channel INT8 weights for every remaining ``nn.Linear``).
         quantize_options: extra keyword arguments for
             :func:`~rotalabs_accel.quantization.symmetric.quantize_model`, e.g.
@@ -1008,7 +1111,8 @@ def optimize_model(
             ``"model.lm_head"``, ``"layers.0"`` everything under ``"model.layers.0"``.
         verify: run each module and its replacement on a small random input and keep the replacement
             only when they agree to the dtype's rounding (on by default; costs one tiny forward per
-            module; skipped on the meta device).
+            module, and a tiny loss forward and backward for the loss function; skipped on the meta
+            device).
         report: also return the :class:`OptimizationReport`.
         verbose: print the report (it is always logged: a summary at INFO level on the
             ``rotalabs_accel.integration`` logger, each entry at DEBUG).
@@ -1066,6 +1170,12 @@ def optimize_model(
             if _fusion_candidate(m) and not _is_skipped(qual, skip_names):
                 action, detail = _fuse_layer(m)
                 rep.add(qual or "<root>", "residual_norm", action, detail)
+    if cross_entropy:
+        for qual, m, _ in _walk(model):
+            if _settable_loss_function(m) and not _is_skipped(qual, skip_names):
+                outcome = _convert_loss(m, verify)
+                if outcome is not None:
+                    rep.add(qual or "<root>", "loss", *outcome)
     if quantize == "int8":
         model = _quantize_int8(model, skip_names, dict(quantize_options or {}), rep)
 

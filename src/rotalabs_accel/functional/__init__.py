@@ -2,7 +2,17 @@
 
 from .activations import swiglu_fused
 from .gemm import int8_gemm
+from .loss import causal_lm_loss, cross_entropy
 from .normalization import rmsnorm, rmsnorm_residual_fused
 from .rope import apply_rope, build_rope_cache
 
-__all__ = ["rmsnorm", "rmsnorm_residual_fused", "swiglu_fused", "apply_rope", "build_rope_cache", "int8_gemm"]
+__all__ = [
+    "rmsnorm",
+    "rmsnorm_residual_fused",
+    "swiglu_fused",
+    "apply_rope",
+    "build_rope_cache",
+    "int8_gemm",
+    "cross_entropy",
+    "causal_lm_loss",
+]
