@@ -80,7 +80,14 @@ def _targets(n, vocab, device, ignored=(1,)):
 
 
 def _baseline(x, target, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """PyTorch in the logits' dtype: F.cross_entropy (+ z * logsumexp**2 on counted rows)."""
+    """PyTorch in the logits' dtype: F.cross_entropy (+ z * logsumexp**2 on counted rows).
+
+    With label smoothing over a large vocabulary, PyTorch's fp16 CUDA path sums V log-probabilities
+    in fp16 and overflows to inf (on the CPU it accumulates in fp32); a user would then upcast, as
+    Hugging Face does, so the baseline is then the fp32 computation rounded to the logits' dtype.
+    """
+    if x.dtype == torch.float16 and label_smoothing and x.is_cuda:
+        return _baseline(x.float(), target, reduction, label_smoothing, z_loss).to(x.dtype)
     v = x.shape[-1]
     x2, t = x.reshape(-1, v), target.reshape(-1).long()
     loss = F.cross_entropy(x2, t, reduction="none" if z_loss else reduction, label_smoothing=label_smoothing)
