@@ -115,14 +115,19 @@ def environment() -> dict:
             ).stdout.strip()
         except Exception:
             env["driver"] = None
+    # A copy of the tree without its history (the GPU machine's) names its commit in this variable.
+    env["git_commit"] = os.environ.get("ROTALABS_ACCEL_COMMIT") or _git_commit()
+    return env
+
+
+def _git_commit() -> str | None:
     try:
-        env["git_commit"] = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip() or None
     except Exception:
-        env["git_commit"] = None
-    return env
+        return None
 
 
 def write_results(name: str, rows: list[Row], ceilings: dict, notes: list[str] | None = None,

@@ -10,6 +10,8 @@ set -u
 OUT=${OUT:-$PWD/.gpu_out}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
+# a copy of the tree without .git: results name the commit the snapshot was taken from (COMMIT file)
+[ -f COMMIT ] && export ROTALABS_ACCEL_COMMIT=$(cat COMMIT)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
