@@ -346,6 +346,25 @@ def test_quantize_options_reach_quantize_model():
     assert layer.group_size == 32 and layer.mode == "w8a16"
 
 
+def test_quantize_options_embeddings_converts_and_reports_the_table():
+    from rotalabs_accel import Int8Embedding
+
+    model = _model("llama", tie_word_embeddings=False)
+    ids = _inputs()
+    expected = model(input_ids=ids).logits.detach()
+    # first the linear layers only; a second call with embeddings=True still converts the table
+    model = optimize_model(model, quantize="int8")
+    model, report = optimize_model(model, quantize="int8", quantize_options={"embeddings": True}, report=True)
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    assert report.count("embedding", "quantized") == 1, str(report)
+    assert "Embedding: 1 quantized" in report.summary()
+    assert _sqnr_db(expected, model(input_ids=ids).logits.detach()) > 20.0
+    again = optimize_model(model, quantize="int8", quantize_options={"embeddings": True}, report=True)[1]
+    assert again.count("embedding", "already") == 1 and not again.changed, str(again)
+    with pytest.raises(ValueError, match="must not contain 'report'"):
+        optimize_model(_model("llama"), quantize="int8", quantize_options={"report": True})
+
+
 def test_save_and_load_round_trip(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     model = _model("llama")

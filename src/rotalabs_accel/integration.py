@@ -91,7 +91,8 @@ class ReportEntry:
     Attributes:
         name: the module's qualified name in the model (``"model.layers.0.mlp"``; ``"<root>"`` for the
             model itself), or the Python module whose ``apply_rotary_pos_emb`` was patched.
-        kind: ``"rmsnorm"``, ``"mlp"``, ``"rope"``, ``"residual_norm"``, ``"loss"`` or ``"linear"``.
+        kind: ``"rmsnorm"``, ``"mlp"``, ``"rope"``, ``"residual_norm"``, ``"loss"``, ``"linear"`` or
+            ``"embedding"`` (``quantize_options={"embeddings": True}``).
         action: ``"replaced"``, ``"patched"``, ``"fused"``, ``"quantized"`` (something changed),
             ``"already"`` (converted by an earlier call) or ``"left"`` (recognised but left alone).
         detail: what was done, or why not.
@@ -179,6 +180,7 @@ _KIND_LABELS = {
     "residual_norm": ("residual add + RMSNorm", "fused"),
     "loss": ("causal-LM loss", "replaced"),
     "linear": ("Linear", "quantized"),
+    "embedding": ("Embedding", "quantized"),
 }
 
 
@@ -1193,14 +1195,24 @@ def _quantize_int8(
     model: nn.Module, skip: tuple[str, ...], options: Mapping[str, Any], report: OptimizationReport
 ) -> nn.Module:
     from .kernels.gemm import Int8Linear
-    from .quantization.symmetric import quantize_model
+    from .quantization.symmetric import Int8Embedding, quantize_model
 
+    if "report" in options:
+        raise ValueError(
+            "optimize_model: quantize_options must not contain 'report' (optimize_model's own report "
+            "lists the quantized layers; pass report=True to optimize_model)"
+        )
     before = {qual: type(m) for qual, m, _ in _walk(model)}
     linears = [q for q, t in before.items() if t is nn.Linear and not _is_skipped(q, skip)]
-    if not linears:
+    embeddings = [q for q, t in before.items() if t is nn.Embedding and not _is_skipped(q, skip)]
+    if not options.get("embeddings"):
+        embeddings = []
+    if not linears and not embeddings:
         for q, m, _ in _walk(model):
             if isinstance(m, Int8Linear):
                 report.add(q or "<root>", "linear", "already", f"already a {type(m).__name__}")
+            elif isinstance(m, Int8Embedding):
+                report.add(q or "<root>", "embedding", "already", "already an Int8Embedding")
         return model
     # quantize_model gets both the user's entries and the exact names this function skips, so the two
     # agree on what is left in floating point whatever its own matching rule.
@@ -1217,4 +1229,11 @@ def _quantize_int8(
             report.add(q or "<root>", "linear", "left", "quantize_model left it in floating point")
     for q in skipped_here:
         report.add(q, "linear", "left", "in skip")
+    for q in embeddings:
+        m = after.get(q)
+        if isinstance(m, Int8Embedding):
+            detail = "nn.Embedding -> Int8Embedding (per-row scales)"
+            report.add(q or "<root>", "embedding", "quantized", detail)
+        else:
+            report.add(q or "<root>", "embedding", "left", "quantize_model left it in floating point")
     return model
