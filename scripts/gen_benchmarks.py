@@ -215,11 +215,38 @@ def generate(results_dir: Path, benchmarks_md: Path, docs_dir: Path, plots: bool
             continue
         images[name] = target.name
         written.append(target)
+    cli_runs = []
+    for png in sorted((results_dir / "cli").glob("cli-bench-*.png")) if results_dir.is_dir() else []:
+        target = docs_dir / ASSETS / png.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, target)
+        written.append(target)
+        text = png.with_suffix(".txt")
+        header = text.read_text().splitlines()[:2] if text.exists() else []
+        cli_runs.append((png.stem, header, png.name))
     docs_dir.mkdir(parents=True, exist_ok=True)
     page = docs_dir / "performance.md"
-    page.write_text(render(results, ASSETS.as_posix(), images, "Performance"))
-    benchmarks_md.write_text(render(results, (Path("docs") / ASSETS).as_posix(), images, "Benchmarks"))
+    page.write_text(
+        render(results, ASSETS.as_posix(), images, "Performance") + _cli_section(cli_runs, ASSETS)
+    )
+    benchmarks_md.write_text(
+        render(results, (Path("docs") / ASSETS).as_posix(), images, "Benchmarks")
+        + _cli_section(cli_runs, Path("docs") / ASSETS)
+    )
     return [benchmarks_md, page, *written]
+
+
+def _cli_section(runs: list[tuple[str, list[str], str]], prefix: Path) -> str:
+    """The ``rotalabs-accel bench --plot`` runs committed under ``benchmarks/results/cli/``."""
+    if not runs:
+        return ""
+    lines = ["", "## rotalabs-accel bench", "",
+             "What `rotalabs-accel bench --plot FILE.png` prints and draws (forward, the default shapes); "
+             "the table beside each plot is in `benchmarks/results/cli/`.", ""]
+    for name, header, image in runs:
+        lines += [f"### {name}", ""] + [f"{line}  " for line in header]
+        lines += ["", f"![{name}]({prefix.as_posix()}/{image})", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
