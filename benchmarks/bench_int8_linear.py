@@ -411,7 +411,8 @@ def _candidates(variant: str, m: int, best: list | None = None):
         splits = [1] if variant == "gemm" else ([2, 4, 8] if m <= 16 else [2, 4])
         if m <= 16:
             pairs = list(itertools.product((32, 64, 128), (128, 256)))
-            # stages 1-2: the weight in registers straight from memory (the GEMV's winning structure)
+            # stages 1-2 (register loads, the GEMV's winning structure) lost to 3-5 here on an H100
+            # (benchmarks/results/sweeps/int8_linear-sweep-m16-*); kept so a new GPU or Triton re-checks it
             tiles = [(16, bn, bk, 4, st, True) for bn, bk in pairs for st in (1, 2, 3, 4, 5)]
             tiles += [(16, bn, bk, 4, st, False) for bn, bk in pairs for st in (1, 3, 4)]
             if variant == "splitk":  # the split multiplies the list: keep the likely tiles

@@ -323,7 +323,6 @@ def _w8a16_dot_kernel(
     SWAP_AB: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCKED_SUM: tl.constexpr,
-    STREAM_W: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -343,24 +342,13 @@ def _w8a16_dot_kernel(
     if DOT_FP32:
         lost = tl.zeros_like(acc)  # the low-order bits the running fp32 sum has dropped so far
     for k0 in range(0, k_per_split, BLOCK_K):
-        # STREAM_W (one row block: every weight tile is read once, as in decode) marks the weight
-        # evict-first and the activations, which every program reads, evict-last. With several row
-        # blocks the weight tiles are meant to be re-read from L2 (GROUP_M), so no hint then.
         if EVEN_K:
-            if STREAM_W:
-                x = tl.load(x_ptrs, eviction_policy="evict_last")
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                x = tl.load(x_ptrs)
-                w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
         else:
             k_in = offs_k < K - k0
-            if STREAM_W:
-                x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0, eviction_policy="evict_last")
-                w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
-            else:
-                x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_in[None, :], other=0)
+            x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_in[None, :], other=0)
         if DOT_FP32:
             # fp32 activations (IEEE products, as torch's default fp32 matmul); also bf16 under the
             # interpreter, whose dot multiplies bf16 bit patterns as integers.
@@ -633,7 +621,6 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
             GROUP_SIZE=gs, HAS_BIAS=has_bias, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
             GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32, BLOCKED_SUM=gs > 0 or dot_fp32,
-            STREAM_W=triton.cdiv(m, cfg.block_m) == 1,
         )
     reduce = None
     if split > 1:
