@@ -58,9 +58,64 @@ def kernel_table():
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=70))
 
 
+def fwdbwd_pieces():
+    """Where a small RMSNorm training step's host time goes (CUDA only): each piece on its own.
+
+    The autograd engine runs a CUDA backward on its own thread, out of cProfile's sight, so the
+    backward launcher is also timed and profiled when called directly from this thread.
+    """
+    for rows in (1, 4096):
+        _fwdbwd_rows(rows)
+
+
+def _fwdbwd_rows(rows: int) -> None:
+    from rotalabs_accel.triton_kernels import rmsnorm as kernels
+
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(rows, 4096, device=dev, dtype=bf, requires_grad=True)
+    w = torch.randn(4096, device=dev, dtype=bf, requires_grad=True)
+    gy = torch.randn(rows, 4096, device=dev, dtype=bf)
+    y, _, rstd = kernels.rmsnorm_forward(x.detach(), w.detach(), 1e-6, 0.0, "llama", out_dtype=bf)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return torch.empty_like(a)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.empty_like(g), None
+
+    cases = {
+        "ours fwd (recording autograd)": lambda: ra.rmsnorm(x, w, 1e-6),
+        "F.rms_norm fwd (recording autograd)": lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
+        "ours fwd+bwd": lambda: torch.autograd.grad(ra.rmsnorm(x, w, 1e-6), (x, w), gy),
+        "F.rms_norm fwd+bwd": lambda: torch.autograd.grad(
+            torch.nn.functional.rms_norm(x, (4096,), w, 1e-6), (x, w), gy),
+        "floor autograd.Function fwd+bwd": lambda: torch.autograd.grad(Floor.apply(x, w), (x,), gy),
+        "our backward launcher, direct": lambda: kernels.rmsnorm_backward(
+            gy, x.detach(), w.detach(), rstd, 0.0, "llama"),
+        "our forward launcher, direct": lambda: kernels.rmsnorm_forward(
+            x.detach(), w.detach(), 1e-6, 0.0, "llama", out_dtype=bf),
+    }
+    for name, fn in cases.items():
+        print(f"== {rows}x4096 {name}: {per_call_us(fn, 500):.1f} us/call")
+    pr = cProfile.Profile()
+    fn = cases["our backward launcher, direct"]
+    pr.enable()
+    for _ in range(300):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+
+
 def main():
     if sys.argv[1:] == ["--kernels"]:
         kernel_table()
+        return
+    if sys.argv[1:] == ["--fwdbwd"]:
+        fwdbwd_pieces()
         return
     dev = "cuda"
     x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
