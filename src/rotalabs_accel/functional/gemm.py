@@ -167,6 +167,10 @@ def int8_gemm(
         True
     """
     _validate(x, weight_int8, scale, bias, group_size, mode, kernel)
+    return _int8_gemm_validated(x, weight_int8, scale, bias, group_size, mode, kernel)
+
+
+def _int8_gemm_validated(x, weight_int8, scale, bias, group_size, mode, kernel):
     device_type = x.device.type
     if autocast_enabled(device_type):
         # as nn.Linear under autocast: compute in the autocast dtype; the reference inside must then run
@@ -288,7 +292,7 @@ def int8_gemm_group(
     if concat:
         return None
     return tuple(
-        int8_gemm(x, w, s, b, group_size=group_size, mode=mode) for w, s, b in zip(weights, scales, biases)
+        _int8_gemm_validated(x, w, s, b, group_size, mode, "auto") for w, s, b in zip(weights, scales, biases)
     )
 
 

@@ -214,19 +214,28 @@ class Int8Linear(nn.Module):
             self.scale = self.scale.float()
 
     def _apply(self, fn, recurse=True):
-        # Module.half() / .to(dtype) convert every floating buffer; the scales must stay fp32 (a bf16
-        # scale would add a rounding of 2^-9 to every output). Follow fn's device, not its dtype.
         scale = self._buffers.get("scale")
         result = super()._apply(fn, recurse)
-        moved = self._buffers.get("scale")
-        if scale is not None and moved is not None and moved.dtype != torch.float32:
-            if scale.device == moved.device:
-                self._buffers["scale"] = scale
-            elif scale.device.type == "meta":
-                self._buffers["scale"] = moved.float()
-            else:
-                self._buffers["scale"] = scale.to(moved.device)
+        keep_scale_fp32(self, scale)
         return result
+
+
+def keep_scale_fp32(module: nn.Module, before: torch.Tensor | None) -> None:
+    """After ``module._apply``: put back an fp32 ``scale`` buffer that ``fn`` converted to another dtype.
+
+    ``Module.half()`` / ``.to(dtype)`` convert every floating buffer; int8 scales must stay fp32 (a bf16
+    scale would add a rounding of 2^-9 to every output). The buffer follows ``fn``'s device, not its
+    dtype. ``before`` is the buffer as it was before ``_apply``.
+    """
+    moved = module._buffers.get("scale")
+    if before is None or moved is None or moved.dtype == torch.float32:
+        return
+    if before.device == moved.device:
+        module._buffers["scale"] = before
+    elif before.device.type == "meta":
+        module._buffers["scale"] = moved.float()
+    else:
+        module._buffers["scale"] = before.to(moved.device)
 
 
 def _plain_int8(layer: nn.Module) -> bool:

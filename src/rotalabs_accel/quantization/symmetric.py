@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.gemm import _PLAIN_FORWARDS, Int8Linear
+from ..kernels.gemm import _PLAIN_FORWARDS, Int8Linear, keep_scale_fp32
 from ..reference.int8 import (
     dequantize_reference,
     dequantize_weight_reference,
@@ -683,14 +683,7 @@ class Int8Embedding(nn.Module):
         probe = torch.empty(0, dtype=self.dtype, device=q.device if q.device.type != "meta" else "cpu")
         scale = self._buffers.get("scale")
         result = super()._apply(fn, recurse)
-        moved = self._buffers.get("scale")
-        if scale is not None and moved is not None and moved.dtype != torch.float32:
-            if scale.device == moved.device:
-                self._buffers["scale"] = scale
-            elif scale.device.type == "meta":
-                self._buffers["scale"] = moved.float()
-            else:
-                self._buffers["scale"] = scale.to(moved.device)
+        keep_scale_fp32(self, scale)
         converted = fn(probe)
         if isinstance(converted, torch.Tensor) and converted.dtype.is_floating_point:
             self.dtype = converted.dtype
