@@ -110,7 +110,74 @@ def _fwdbwd_rows(rows: int) -> None:
     pstats.Stats(pr).sort_stats("tottime").print_stats(14)
 
 
+def host_us(fn, n=200):
+    """Host microseconds per call with the GPU held busy (a long sleep kernel queued first), so the time
+    is the enqueue cost alone, not the GPU's."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time: the calls below only enqueue
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def host_vs_gpu():
+    """Per forward+backward step at the benchmark shapes: host enqueue time, GPU time (do_bench) and
+    wall time back to back. Where host >= GPU the benchmark measures the host."""
+    from triton.testing import do_bench
+
+    dev, bf = "cuda", torch.bfloat16
+    cases = {}
+    for rows in (4096, 16384):
+        x = torch.randn(rows, 4096, device=dev, dtype=bf, requires_grad=True)
+        w = torch.randn(4096, device=dev, dtype=bf, requires_grad=True)
+        gy = torch.randn(rows, 4096, device=dev, dtype=bf)
+        cases[f"rmsnorm fwd+bwd {rows}x4096"] = (
+            lambda x=x, w=w, gy=gy: torch.autograd.grad(ra.rmsnorm(x, w, 1e-6), (x, w), gy))
+        cases[f"F.rms_norm fwd+bwd {rows}x4096"] = (
+            lambda x=x, w=w, gy=gy: torch.autograd.grad(torch.nn.functional.rms_norm(x, (4096,), w, 1e-6),
+                                                        (x, w), gy))
+        r = torch.randn_like(x).requires_grad_()
+        cases[f"add_rmsnorm fwd+bwd {rows}x4096"] = (
+            lambda x=x, r=r, w=w, gy=gy: torch.autograd.grad(
+                ra.rmsnorm_residual_fused(x, r, w, 1e-6), (x, r, w), (gy, gy)))
+    q = torch.randn(4, 4096, 32, 128, device=dev, dtype=bf, requires_grad=True)
+    k = torch.randn(4, 4096, 8, 128, device=dev, dtype=bf, requires_grad=True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    cos, sin = ra.build_rope_cache(4096, 128, device=dev)
+    cases["rope fwd+bwd bshd"] = lambda: torch.autograd.grad(ra.apply_rope(q, k, cos, sin), (q, k), (gq, gk))
+    cases["rope fwd bshd"] = lambda: ra.apply_rope(q.detach(), k.detach(), cos, sin)
+    g = torch.randn(4096, 11008, device=dev, dtype=bf, requires_grad=True)
+    u = torch.randn(4096, 11008, device=dev, dtype=bf, requires_grad=True)
+    gs = torch.randn(4096, 11008, device=dev, dtype=bf)
+    cases["swiglu fwd+bwd 4096x11008"] = lambda: torch.autograd.grad(ra.swiglu_fused(g, u), (g, u), gs)
+    xs = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return torch.empty_like(a)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(grad)
+
+    cases["floor autograd.Function fwd+bwd"] = lambda: torch.autograd.grad(Floor.apply(xs), (xs,), xs)
+    for name, fn in cases.items():
+        host = host_us(fn)
+        gpu = do_bench(fn, warmup=25, rep=200) * 1e3
+        wall = per_call_us(fn, 200)
+        print(f"== {name}: host {host:.1f} us, GPU (do_bench) {gpu:.1f} us, wall back to back {wall:.1f} us")
+
+
 def main():
+    if sys.argv[1:] == ["--host"]:
+        host_vs_gpu()
+        return
     if sys.argv[1:] == ["--kernels"]:
         kernel_table()
         return
