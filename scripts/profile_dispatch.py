@@ -174,7 +174,109 @@ def host_vs_gpu():
         print(f"== {name}: host {host:.1f} us, GPU (do_bench) {gpu:.1f} us, wall back to back {wall:.1f} us")
 
 
+def backward_thread():
+    """Where the host time of a forward+backward step goes, the autograd worker thread included.
+
+    With the GPU held busy by a sleep kernel (so only enqueue cost is timed), each step is cut into:
+    the forward call; from ``autograd.grad``'s entry to the op's backward starting on the engine's
+    device thread; the backward itself; and from the backward's return to ``autograd.grad`` returning.
+    A second pass runs cProfile inside the backward (on the worker thread, where it is enabled).
+    """
+    from rotalabs_accel.ops import rmsnorm as ops_rmsnorm
+    from rotalabs_accel.ops import rope as ops_rope
+    from rotalabs_accel.ops import swiglu as ops_swiglu
+
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
+    w = torch.randn(4096, device=dev, dtype=bf, requires_grad=True)
+    gy = torch.randn(4096, 4096, device=dev, dtype=bf)
+    q = torch.randn(4, 512, 32, 128, device=dev, dtype=bf, requires_grad=True)
+    k = torch.randn(4, 512, 8, 128, device=dev, dtype=bf, requires_grad=True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    cos, sin = ra.build_rope_cache(4096, 128, device=dev)
+    g = torch.randn(1024, 11008, device=dev, dtype=bf, requires_grad=True)
+    u = torch.randn(1024, 11008, device=dev, dtype=bf, requires_grad=True)
+    gs = torch.randn(1024, 11008, device=dev, dtype=bf)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return torch.empty_like(a)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(grad), None
+
+    cases = [
+        ("rmsnorm 4096x4096", ops_rmsnorm._RMSNormFunction, lambda: ra.rmsnorm(x, w, 1e-6), (x, w), gy),
+        ("F.rms_norm 4096x4096", None, lambda: torch.nn.functional.rms_norm(x, (4096,), w, 1e-6), (x, w), gy),
+        ("floor autograd.Function", Floor, lambda: Floor.apply(x, w), (x,), gy),
+        ("rope bshd 4x512", ops_rope._RopeFunction, lambda: ra.apply_rope(q, k, cos, sin), (q, k), (gq, gk)),
+        ("swiglu 1024x11008", ops_swiglu.SwiGLUFunction, lambda: ra.swiglu_fused(g, u), (g, u), gs),
+    ]
+    for name, cls, fwd, inputs, grads in cases:
+        marks: dict = {}
+        prof = {"on": None}
+        if cls is not None:
+            original = cls.__dict__["backward"]
+
+            def timed(ctx, *grad_outputs, _inner=original.__func__, _marks=marks, _prof=prof):
+                _marks["enter"] = time.perf_counter()
+                if _prof["on"] is not None:
+                    _prof["on"].enable()
+                try:
+                    return _inner(ctx, *grad_outputs)
+                finally:
+                    if _prof["on"] is not None:
+                        _prof["on"].disable()
+                    _marks["exit"] = time.perf_counter()
+
+            cls.backward = staticmethod(timed)
+        try:
+            for _ in range(20):
+                torch.autograd.grad(fwd(), inputs, grads)
+            torch.cuda.synchronize()
+            sums = {"forward": 0.0, "to backward": 0.0, "backward": 0.0, "after backward": 0.0, "step": 0.0}
+            n = 100
+            torch.cuda._sleep(2_000_000_000)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                out = fwd()
+                t1 = time.perf_counter()
+                torch.autograd.grad(out, inputs, grads)
+                t2 = time.perf_counter()
+                sums["forward"] += t1 - t0
+                sums["step"] += t2 - t0
+                if "enter" in marks:
+                    sums["to backward"] += marks["enter"] - t1
+                    sums["backward"] += marks["exit"] - marks["enter"]
+                    sums["after backward"] += t2 - marks["exit"]
+            torch.cuda.synchronize()
+            print(f"== {name}: " + ", ".join(f"{k} {v / n * 1e6:.1f} us" for k, v in sums.items()))
+            if cls is not None:
+                prof["on"] = cProfile.Profile()
+                for _ in range(200):
+                    torch.autograd.grad(fwd(), inputs, grads)
+                torch.cuda.synchronize()
+                print(f"-- cProfile of {name}'s backward on the autograd thread (200 calls)")
+                pstats.Stats(prof["on"]).sort_stats("tottime").print_stats(12)
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(200):
+                    fwd()
+                pr.disable()
+                torch.cuda.synchronize()
+                print(f"-- cProfile of {name}'s forward, recording autograd (200 calls)")
+                pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+        finally:
+            if cls is not None:
+                cls.backward = original
+
+
 def main():
+    if sys.argv[1:] == ["--bwdthread"]:
+        backward_thread()
+        return
     if sys.argv[1:] == ["--host"]:
         host_vs_gpu()
         return
