@@ -17,7 +17,9 @@ import argparse
 import gzip
 import json
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,12 +58,35 @@ def gaps(trace_path: Path, top: int = 25) -> None:
         print(f"  {length:8.0f} us before {after[:60]!r}; CPU in {running[-3:]}")
 
 
+def sample_clocks(out: list, stop: threading.Event) -> None:
+    """nvidia-smi's SM clock and power every 50 ms until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            line = subprocess.run(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=5).stdout.strip()
+        except Exception as exc:  # no nvidia-smi: say so once
+            out.append(f"unavailable: {exc}")
+            return
+        out.append(line)
+        time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--impl", default="rotalabs", choices=["rotalabs", "eager"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--no-trace", action="store_true", help="time only")
+    parser.add_argument("--no-packed-check", action="store_true",
+                        help="experiment: skip transformers' packed-sequence check (a host sync in every "
+                             "forward without an attention mask)")
     args = parser.parse_args()
+    if args.no_packed_check:
+        import transformers.masking_utils as masking
+
+        masking.find_packed_sequence_indices = lambda position_ids: None
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     model = bench.build_model(dict(bench.LLAMA3_8B_2L, vocab_size=args.vocab), device, torch.bfloat16, seed=0)
@@ -82,7 +107,11 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     host, events = [], []
-    for _ in range(8):
+    clocks: list[str] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_clocks, args=(clocks, stop), daemon=True)
+    sampler.start()
+    for _ in range(args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         t = time.perf_counter()
@@ -91,9 +120,14 @@ def main() -> None:
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
+    stop.set()
+    sampler.join()
     gpu = [s.elapsed_time(e) for s, e in events]
     print(f"{args.impl} vocab {args.vocab}: step (CUDA events) {sorted(gpu)[len(gpu) // 2]:.2f} ms; "
           f"host time of step() {sorted(host)[len(host) // 2]:.2f} ms (all: {[round(h, 1) for h in host]})")
+    print(f"SM clock MHz, power W while timing: {clocks[:40]}")
+    if args.no_trace:
+        return
     torch.cuda.synchronize()
     t = time.perf_counter()
     step()
