@@ -28,6 +28,7 @@ from rotalabs_accel.integration import (
     FusedGateUpSwiGLU,
     OptimizationReport,
     _is_skipped,
+    revert_patches,
     revert_rope_patches,
 )
 
@@ -39,9 +40,9 @@ VOCAB = 96
 
 @pytest.fixture(autouse=True)
 def _restore_rope():
-    revert_rope_patches()
+    revert_patches()
     yield
-    revert_rope_patches()
+    revert_patches()
 
 
 def _config(family: str, **overrides):
@@ -139,6 +140,7 @@ def test_family_is_converted_and_reported(family):
     assert report.count("mlp", "replaced") == mlps, str(report)
     assert report.count("rope", "patched") == 1, str(report)
     assert report.count("residual_norm", "fused") == 2, str(report)
+    assert report.count("packed_check", "skipped") == 1, str(report)
     assert sum(isinstance(m, TritonRMSNorm) for m in model.modules()) == norms
     if mlp_type is not None:
         assert all(isinstance(layer.mlp, mlp_type) for layer in model.model.layers)
@@ -259,8 +261,72 @@ def test_second_call_changes_nothing():
     assert second.count("mlp", "already") == 2
     assert second.count("rope", "already") == 1
     assert second.count("residual_norm", "already") == 2
+    assert second.count("packed_check", "already") == 1
     assert {n: m for n, m in model.named_modules()} == modules
     assert {n: vars(m).get("forward") for n, m in model.named_modules()} == forwards
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_sequence_check_skipped_only_for_derived_positions(family, monkeypatch):
+    masking = pytest.importorskip("transformers.masking_utils")
+    calls = []
+    original = masking.find_packed_sequence_indices
+
+    def counting(position_ids, *args, **kwargs):
+        calls.append(position_ids)
+        return original(position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", counting)
+    base = _model(family)
+    ids = _inputs()
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)  # two sequences per row
+    with torch.no_grad():
+        want = base(input_ids=ids, use_cache=False).logits
+        want_packed = base(input_ids=ids, position_ids=packed, use_cache=False).logits
+    assert calls, "this transformers runs no packed check: the test would prove nothing"
+    # The packed positions change the result (a block-diagonal mask), so the check matters there.
+    assert (want_packed - want).abs().max() > 1e-3
+    model = optimize_model(copy.deepcopy(base))
+    calls.clear()
+    with torch.no_grad(), use_backend("torch"):
+        got = model(input_ids=ids, use_cache=False).logits
+        assert not calls
+        got_packed = model(input_ids=ids, position_ids=packed, use_cache=False).logits
+        assert len(calls) >= 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_packed, want_packed, rtol=1e-5, atol=1e-5)
+    # Outside an optimized model the wrapper is the original check.
+    calls.clear()
+    with torch.no_grad():
+        base(input_ids=ids, use_cache=False)
+    assert len(calls) >= 1
+    # Restoring the original function leaves the optimized model working, with the check back on.
+    assert "transformers.masking_utils" in revert_patches()
+    assert masking.find_packed_sequence_indices is counting
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) >= 1
+
+
+def test_packed_sequence_check_switch_positional_positions_and_copies(monkeypatch):
+    masking = pytest.importorskip("transformers.masking_utils")
+    model, report = optimize_model(_model("llama"), skip_packed_check=False, report=True)
+    assert report.count("packed_check") == 0 and "forward" not in vars(model.model)
+    calls = []
+    original = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda p: calls.append(p) or original(p))
+    model = optimize_model(_model("llama"))
+    ids = _inputs()
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)
+    with torch.no_grad():
+        model.model(ids, None, packed, use_cache=False)  # position_ids passed positionally
+        assert len(calls) == 1 and calls[0] is packed
+        model.model(ids, None, use_cache=False)  # attention_mask positionally, no positions
+        assert len(calls) == 1
+    # A copy's instance forward belongs to the copy (a bound method is copied by name).
+    clone = copy.deepcopy(model)
+    assert clone.model.forward.__self__ is clone.model
 
 
 @pytest.mark.parametrize("order", ["optimize_then_move", "move_then_optimize"])

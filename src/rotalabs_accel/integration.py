@@ -25,6 +25,16 @@ keys and values, devices, dtypes, ``requires_grad`` flags and any optimizer refe
   :func:`~rotalabs_accel.functional.loss.causal_lm_loss` as the loss function of that instance (the
   ``loss_function`` setter of ``PreTrainedModel``; other models of the class are untouched): the same
   loss without Hugging Face's fp32 copy of the logits.
+* **Packed-sequence check**: without an attention mask or a cache, transformers' mask creation asks
+  whether the position ids describe several sequences packed into one row, which reads a value back
+  from the GPU (a host-device synchronization in every forward: the GPU then idles while the host
+  queues the forward's first kernels). A Hugging Face base model of the families above whose forward
+  builds its causal mask (``LlamaModel``, ``MistralModel``, ``Qwen2Model``, ``Qwen3Model``,
+  ``GemmaModel``, ``Phi3Model`` and their MoE siblings) skips that question when the caller passed no
+  ``position_ids``: the model then derives them itself as ``arange(seq)``, never packed, so the answer
+  is known. Called with ``position_ids``, the check runs as before. (transformers'
+  ``find_packed_sequence_indices`` is wrapped for the whole process; outside an optimized model's
+  forward the wrapper calls the original.)
 * **INT8** (``quantize="int8"``): the remaining ``nn.Linear`` layers, minus ``skip``, go through
   :func:`~rotalabs_accel.quantization.symmetric.quantize_model`.
 
@@ -37,6 +47,8 @@ function is checked the same way, on small random logits and labels, loss and gr
 from __future__ import annotations
 
 import ast
+import contextvars
+import functools
 import inspect
 import logging
 import sys
@@ -62,6 +74,7 @@ __all__ = [
     "ReportEntry",
     "FusedGateUpSwiGLU",
     "revert_rope_patches",
+    "revert_patches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,6 +191,7 @@ _KIND_LABELS = {
     "mlp": ("SwiGLU MLP", "replaced"),
     "rope": ("rotary", "patched"),
     "residual_norm": ("residual add + RMSNorm", "fused"),
+    "packed_check": ("packed-sequence check", "skipped"),
     "loss": ("causal-LM loss", "replaced"),
     "linear": ("Linear", "quantized"),
     "embedding": ("Embedding", "quantized"),
@@ -884,6 +898,125 @@ def _fuse_layer(layer: nn.Module) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# transformers' packed-sequence check (a host sync in every forward without a mask)
+# --------------------------------------------------------------------------------------------------
+
+_PACKED_FN_NAME = "find_packed_sequence_indices"
+_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_masks_for_generate")
+_POSITIONS_ATTR = "_rotalabs_accel_position_index"
+# True while an optimized base model runs a forward whose positions it derives itself.
+_DERIVED_POSITIONS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "rotalabs_accel_derived_positions", default=False
+)
+_MASK_PATCHES: dict[str, Callable] = {}
+
+
+def _packed_check_wrapper(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def find_packed_sequence_indices(position_ids, *args, **kwargs):
+        # Under torch.compile transformers skips the check itself (it is data-dependent).
+        if not torch.compiler.is_compiling() and _DERIVED_POSITIONS.get():
+            return None  # positions are arange(seq): one sequence per row
+        return original(position_ids, *args, **kwargs)
+
+    setattr(find_packed_sequence_indices, _ORIGINAL_ATTR, original)
+    return find_packed_sequence_indices
+
+
+def _derived_positions_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The class's forward; with no ``position_ids`` given, transformers' packed check is skipped."""
+    if (
+        torch.compiler.is_compiling()
+        or kwargs.get("position_ids") is not None
+        or len(args) > getattr(self, _POSITIONS_ATTR)
+    ):
+        return type(self).forward(self, *args, **kwargs)
+    token = _DERIVED_POSITIONS.set(True)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _DERIVED_POSITIONS.reset(token)
+
+
+_derived_positions_forward.__name__ = "forward"  # see _fused_decoder_forward
+
+
+# Base models known to derive missing position ids as arange(seq) + cache offset (checked in the tests
+# for each). Other models (vision-language ones with multi-axis positions, say) may derive positions
+# that the check must see, so they are left alone.
+_ARANGE_POSITION_MODELS = frozenset({
+    "LlamaModel", "MistralModel", "MixtralModel", "Qwen2Model", "Qwen3Model", "Qwen2MoeModel",
+    "Qwen3MoeModel", "GemmaModel", "Gemma2Model", "Phi3Model",
+})
+
+
+def _builds_causal_mask(m: nn.Module) -> bool:
+    """Whether ``m`` is a known Hugging Face base model whose forward calls a mask builder."""
+    cls = type(m)
+    if cls.__name__ not in _ARANGE_POSITION_MODELS or not cls.__module__.startswith("transformers."):
+        return False
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    return code is not None and any(name in code.co_names for name in _MASK_BUILDERS)
+
+
+def _skip_packed_check(m: nn.Module) -> tuple[str, str]:
+    masking = sys.modules.get("transformers.masking_utils")
+    fn = getattr(masking, _PACKED_FN_NAME, None)
+    if fn is None:
+        return "left", "this transformers version has no packed-sequence check"
+    if getattr(m, _POSITIONS_ATTR, None) is not None:
+        return "already", "the packed-sequence check is already skipped when positions are derived"
+    if "forward" in vars(m):
+        return "left", "the model's forward is already overridden on the instance"
+    try:
+        params = list(inspect.signature(type(m).forward).parameters)
+    except (TypeError, ValueError):
+        return "left", "the model's forward has no inspectable signature"
+    if "position_ids" not in params:
+        return "left", "the model's forward takes no position_ids"
+    if getattr(fn, _ORIGINAL_ATTR, None) is None:
+        setattr(masking, _PACKED_FN_NAME, _packed_check_wrapper(fn))
+        _MASK_PATCHES[masking.__name__] = fn
+    # Positional arguments after `self` up to position_ids' slot leave it unset.
+    object.__setattr__(m, _POSITIONS_ATTR, params.index("position_ids") - 1)
+    m.forward = types.MethodType(_derived_positions_forward, m)
+    return (
+        "skipped",
+        "transformers' packed-sequence check (a GPU->host sync per forward) is skipped when no "
+        "position_ids are passed: the model then uses arange(seq)",
+    )
+
+
+def revert_patches() -> list[str]:
+    """Restore every function :func:`optimize_model` replaced process-wide.
+
+    That is each Hugging Face family's ``apply_rotary_pos_emb`` (see :func:`revert_rope_patches`)
+    and transformers' ``find_packed_sequence_indices``. Optimized models keep working: their
+    forwards then call the originals.
+
+    Returns:
+        The names of the Python modules restored.
+
+    Example:
+        >>> from rotalabs_accel.integration import revert_patches
+        >>> isinstance(revert_patches(), list)
+        True
+    """
+    restored = revert_rope_patches()
+    for name, original in list(_MASK_PATCHES.items()):
+        pymodule = sys.modules.get(name)
+        if (
+            pymodule is not None
+            and getattr(getattr(pymodule, _PACKED_FN_NAME, None), _ORIGINAL_ATTR, None) is original
+        ):
+            setattr(pymodule, _PACKED_FN_NAME, original)
+            restored.append(name)
+        del _MASK_PATCHES[name]
+    return restored
+
+
+# --------------------------------------------------------------------------------------------------
 # Causal-LM loss
 # --------------------------------------------------------------------------------------------------
 
@@ -1058,6 +1191,7 @@ def optimize_model(
     rope: bool = True,
     fuse_residual: bool = True,
     cross_entropy: bool = True,
+    skip_packed_check: bool = True,
     quantize: str | None = None,
     quantize_options: Mapping[str, Any] | None = None,
     skip: Iterable[str] | str = ("lm_head",),
@@ -1085,6 +1219,9 @@ def optimize_model(
       :func:`~rotalabs_accel.functional.loss.causal_lm_loss` (same result, no fp32 copy of the logits;
       the logits the model returns are not modified). Other loss types and custom loss functions are
       left alone and reported.
+    * Hugging Face base models that build a causal mask: transformers' packed-sequence check (a
+      GPU-to-host sync in every forward without a mask or cache) is skipped when the caller passes no
+      ``position_ids``, whose derived values are never packed.
     * ``quantize="int8"``: the remaining ``nn.Linear`` layers, minus ``skip``, through
       :func:`~rotalabs_accel.quantization.symmetric.quantize_model`.
 
@@ -1104,6 +1241,8 @@ def optimize_model(
             layers whose ``forward`` has the Llama structure (needs ``rmsnorm=True``).
         cross_entropy: install :func:`~rotalabs_accel.functional.loss.causal_lm_loss` as the
             ``loss_function`` of Hugging Face causal language models (per instance, not per class).
+        skip_packed_check: skip transformers' packed-sequence check when the model derives the
+            positions itself (see the module documentation); the results are unchanged.
         quantize: ``None`` or ``"int8"`` (per-channel INT8 weights for every remaining ``nn.Linear``).
         quantize_options: extra keyword arguments for
             :func:`~rotalabs_accel.quantization.symmetric.quantize_model`, e.g.
@@ -1178,6 +1317,10 @@ def optimize_model(
                 outcome = _convert_loss(m, verify)
                 if outcome is not None:
                     rep.add(qual or "<root>", "loss", *outcome)
+    if skip_packed_check:
+        for qual, m, _ in _walk(model):
+            if _builds_causal_mask(m) and not _is_skipped(qual, skip_names):
+                rep.add(qual or "<root>", "packed_check", *_skip_packed_check(m))
     if quantize == "int8":
         model = _quantize_int8(model, skip_names, dict(quantize_options or {}), rep)
 
