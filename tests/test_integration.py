@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from helpers import assert_within_torch_error, kernel_devices
-from rotalabs_accel import SwiGLU, TritonRMSNorm, optimize_model, use_backend
+from rotalabs_accel import SwiGLU, TritonEmbedding, TritonRMSNorm, optimize_model, use_backend
 from rotalabs_accel.integration import (
     FusedGateUpSwiGLU,
     OptimizationReport,
@@ -141,6 +141,9 @@ def test_family_is_converted_and_reported(family):
     assert report.count("rope", "patched") == 1, str(report)
     assert report.count("residual_norm", "fused") == 2, str(report)
     assert report.count("packed_check", "skipped") == 1, str(report)
+    # Gemma scales its embedding output (a subclass with its own forward): not a plain lookup.
+    assert report.count("embedding_backward", "replaced") == (family != "gemma"), str(report)
+    assert isinstance(model.model.embed_tokens, TritonEmbedding) == (family != "gemma")
     assert sum(isinstance(m, TritonRMSNorm) for m in model.modules()) == norms
     if mlp_type is not None:
         assert all(isinstance(layer.mlp, mlp_type) for layer in model.model.layers)
@@ -262,6 +265,7 @@ def test_second_call_changes_nothing():
     assert second.count("rope", "already") == 1
     assert second.count("residual_norm", "already") == 2
     assert second.count("packed_check", "already") == 1
+    assert second.count("embedding_backward", "already") == 1
     assert {n: m for n, m in model.named_modules()} == modules
     assert {n: vars(m).get("forward") for n, m in model.named_modules()} == forwards
 
@@ -466,10 +470,19 @@ def test_unknown_model_gets_a_report_not_an_error(caplog):
     with caplog.at_level(logging.INFO, logger="rotalabs_accel.integration"):
         model2, report = optimize_model(model, report=True)
     assert model2 is model
-    assert not report.entries
-    assert "no RMSNorm, SwiGLU MLP, rotary function or Linear layer recognised" in report.summary()
-    assert "unchanged" in caplog.text
+    # Only its plain embedding tables (token and position) are recognised.
+    assert {(e.name, e.kind, e.action) for e in report.entries} == {
+        ("transformer.wte", "embedding_backward", "replaced"),
+        ("transformer.wpe", "embedding_backward", "replaced"),
+    }, str(report)
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    with caplog.at_level(logging.INFO, logger="rotalabs_accel.integration"):
+        _, report = optimize_model(
+            transformers.GPT2LMHeadModel(config).eval(), embedding=False, report=True
+        )
+    assert not report.entries
+    assert "no RMSNorm, SwiGLU MLP, rotary function, Embedding or Linear layer recognised" in report.summary()
+    assert "unchanged" in caplog.text
 
 
 def test_plain_pytorch_model_and_root_module():

@@ -11,6 +11,7 @@ from .functional import (
     build_rope_cache,
     causal_lm_loss,
     cross_entropy,
+    embedding,
     int8_gemm,
     rmsnorm,
     rmsnorm_residual_fused,
@@ -18,6 +19,7 @@ from .functional import (
 )
 from .integration import optimize_model
 from .kernels.activations import SwiGLU
+from .kernels.embedding import TritonEmbedding
 from .kernels.gemm import Int8Linear
 from .kernels.normalization import TritonRMSNorm
 from .kernels.rope import RotaryEmbedding
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TritonRMSNorm",
     "SwiGLU",
+    "TritonEmbedding",
     "RotaryEmbedding",
     "Int8Linear",
     "QuantizedLinear",
@@ -50,6 +53,7 @@ __all__ = [
     "int8_gemm",
     "cross_entropy",
     "causal_lm_loss",
+    "embedding",
     "quantize_symmetric",
     "dequantize",
     "quantize_weight_per_channel",

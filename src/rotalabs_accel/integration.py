@@ -63,9 +63,11 @@ from torch import nn
 
 from ._backend import use_backend
 from .functional.activations import swiglu_fused
+from .functional.embedding import embedding as embedding_lookup
 from .functional.loss import causal_lm_loss
 from .functional.rope import apply_rope
 from .kernels.activations import SwiGLU
+from .kernels.embedding import TritonEmbedding
 from .kernels.normalization import TritonRMSNorm
 
 __all__ = [
@@ -104,9 +106,12 @@ class ReportEntry:
     Attributes:
         name: the module's qualified name in the model (``"model.layers.0.mlp"``; ``"<root>"`` for the
             model itself), or the Python module whose ``apply_rotary_pos_emb`` was patched.
-        kind: ``"rmsnorm"``, ``"mlp"``, ``"rope"``, ``"residual_norm"``, ``"loss"``, ``"linear"`` or
-            ``"embedding"`` (``quantize_options={"embeddings": True}``).
-        action: ``"replaced"``, ``"patched"``, ``"fused"``, ``"quantized"`` (something changed),
+        kind: ``"rmsnorm"``, ``"mlp"``, ``"rope"``, ``"residual_norm"``, ``"loss"``,
+            ``"embedding_backward"`` (an ``nn.Embedding`` made a ``TritonEmbedding``), ``"packed_check"``
+            (transformers' packed-sequence check skipped), ``"linear"`` or ``"embedding"``
+            (quantized, ``quantize_options={"embeddings": True}``).
+        action: ``"replaced"``, ``"patched"``, ``"fused"``, ``"quantized"``, ``"skipped"`` (something
+            changed),
             ``"already"`` (converted by an earlier call) or ``"left"`` (recognised but left alone).
         detail: what was done, or why not.
     """
@@ -118,7 +123,7 @@ class ReportEntry:
 
     @property
     def changed(self) -> bool:
-        return self.action in ("replaced", "patched", "fused", "quantized")
+        return self.action in ("replaced", "patched", "fused", "quantized", "skipped")
 
 
 @dataclass
@@ -160,8 +165,8 @@ class OptimizationReport:
         """One line: how many of each kind were converted, already converted, or left alone."""
         if not self.entries:
             return (
-                f"optimize_model({self.model_class}): no RMSNorm, SwiGLU MLP, rotary function or Linear "
-                "layer recognised, and no causal-LM loss function; the model is unchanged"
+                f"optimize_model({self.model_class}): no RMSNorm, SwiGLU MLP, rotary function, Embedding "
+                "or Linear layer recognised, and no causal-LM loss function; the model is unchanged"
             )
         parts = []
         for kind, (label, verb) in _KIND_LABELS.items():
@@ -192,6 +197,7 @@ _KIND_LABELS = {
     "rope": ("rotary", "patched"),
     "residual_norm": ("residual add + RMSNorm", "fused"),
     "packed_check": ("packed-sequence check", "skipped"),
+    "embedding_backward": ("Embedding (Triton table gradient)", "replaced"),
     "loss": ("causal-LM loss", "replaced"),
     "linear": ("Linear", "quantized"),
     "embedding": ("Embedding", "quantized"),
@@ -898,6 +904,52 @@ def _fuse_layer(layer: nn.Module) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Embeddings: the table gradient through the Triton kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _embedding_candidate(m: nn.Module) -> bool:
+    return type(m) is nn.Embedding
+
+
+def _check_embedding_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the table-gradient kernel on a small random table against PyTorch's; ``None`` if they agree."""
+    from .reference.embedding import embedding_backward_reference
+
+    gen = _check_generator(device)
+    ids = torch.randint(0, 23, (3, 17), generator=gen, device=device)
+    ids[0, :9] = 5  # a run of one id
+    grad = torch.randn(3, 17, 40, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    table = torch.zeros(23, 40, device=device, dtype=dtype, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            embedding_lookup(ids, table, 2).backward(grad)
+    except Exception as exc:  # the kernel cannot run here: keep the original
+        return f"the gradient kernel failed on a check input ({type(exc).__name__}: {exc})"
+    want = embedding_backward_reference(grad, ids, 23, 2)
+    err = _rel_err(table.grad, want)
+    tol = _CHECK_TOL.get(dtype, 5e-2)
+    return None if err <= tol else f"table gradients differ on a check input (relative error {err:.2e})"
+
+
+def _convert_embedding(m: nn.Module, verify: bool) -> tuple[nn.Module | None, str]:
+    try:
+        new = TritonEmbedding.from_embedding(m)
+    except (TypeError, ValueError) as exc:
+        return None, f"nn.Embedding left as is: {exc}"
+    detail = "nn.Embedding -> TritonEmbedding (same weight; table gradient by a deterministic Triton kernel)"
+    device = m.weight.device
+    if not verify:
+        return new, detail + ", not checked (verify=False)"
+    if device.type != "cuda":
+        return new, detail + f", not checked (on {device.type} PyTorch's backward runs)"
+    problem = _check_embedding_kernel(device, m.weight.dtype)
+    if problem is not None:
+        return None, f"nn.Embedding left as is: {problem}"
+    return new, detail
+
+
+# --------------------------------------------------------------------------------------------------
 # transformers' packed-sequence check (a host sync in every forward without a mask)
 # --------------------------------------------------------------------------------------------------
 
@@ -1191,6 +1243,7 @@ def optimize_model(
     rope: bool = True,
     fuse_residual: bool = True,
     cross_entropy: bool = True,
+    embedding: bool = True,
     skip_packed_check: bool = True,
     quantize: str | None = None,
     quantize_options: Mapping[str, Any] | None = None,
@@ -1219,6 +1272,9 @@ def optimize_model(
       :func:`~rotalabs_accel.functional.loss.causal_lm_loss` (same result, no fp32 copy of the logits;
       the logits the model returns are not modified). Other loss types and custom loss functions are
       left alone and reported.
+    * ``nn.Embedding`` (exactly that class, without ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``)
+      -> :class:`~rotalabs_accel.kernels.embedding.TritonEmbedding`, holding the same weight: the
+      lookup is unchanged, the table's gradient is a deterministic Triton kernel.
     * Hugging Face base models that build a causal mask: transformers' packed-sequence check (a
       GPU-to-host sync in every forward without a mask or cache) is skipped when the caller passes no
       ``position_ids``, whose derived values are never packed.
@@ -1241,6 +1297,8 @@ def optimize_model(
             layers whose ``forward`` has the Llama structure (needs ``rmsnorm=True``).
         cross_entropy: install :func:`~rotalabs_accel.functional.loss.causal_lm_loss` as the
             ``loss_function`` of Hugging Face causal language models (per instance, not per class).
+        embedding: convert ``nn.Embedding`` layers (after ``quantize``, which takes them first when
+            asked to with ``quantize_options={"embeddings": True}``).
         skip_packed_check: skip transformers' packed-sequence check when the model derives the
             positions itself (see the module documentation); the results are unchanged.
         quantize: ``None`` or ``"int8"`` (per-channel INT8 weights for every remaining ``nn.Linear``).
@@ -1323,6 +1381,16 @@ def optimize_model(
                 rep.add(qual or "<root>", "packed_check", *_skip_packed_check(m))
     if quantize == "int8":
         model = _quantize_int8(model, skip_names, dict(quantize_options or {}), rep)
+    if embedding:
+        model = _replace_children(
+            model,
+            skip_names,
+            _embedding_candidate,
+            lambda m, _: _convert_embedding(m, verify),
+            "embedding_backward",
+            rep,
+            already=lambda m: isinstance(m, TritonEmbedding),
+        )
 
     logger.info("%s", rep.summary())
     for e in rep.entries:
@@ -1347,7 +1415,9 @@ def _quantize_int8(
         )
     before = {qual: type(m) for qual, m, _ in _walk(model)}
     linears = [q for q, t in before.items() if t is nn.Linear and not _is_skipped(q, skip)]
-    embeddings = [q for q, t in before.items() if t is nn.Embedding and not _is_skipped(q, skip)]
+    embeddings = [
+        q for q, t in before.items() if t in (nn.Embedding, TritonEmbedding) and not _is_skipped(q, skip)
+    ]
     if not options.get("embeddings"):
         embeddings = []
     if not linears and not embeddings:

@@ -1,6 +1,7 @@
 """Functional API: validate once, flatten, dispatch to a Triton kernel or the PyTorch reference."""
 
 from .activations import swiglu_fused
+from .embedding import embedding
 from .gemm import int8_gemm
 from .loss import causal_lm_loss, cross_entropy
 from .normalization import rmsnorm, rmsnorm_residual_fused
@@ -15,4 +16,5 @@ __all__ = [
     "int8_gemm",
     "cross_entropy",
     "causal_lm_loss",
+    "embedding",
 ]

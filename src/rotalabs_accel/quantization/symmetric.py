@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.embedding import TritonEmbedding
 from ..kernels.gemm import _PLAIN_FORWARDS, Int8Linear, keep_scale_fp32
 from ..reference.int8 import (
     dequantize_reference,
@@ -477,7 +478,7 @@ class Int8Embedding(nn.Module):
         fn = "Int8Embedding.from_embedding"
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"{fn}: expected a torch.nn.Embedding, got {type(embedding).__name__}")
-        if type(embedding).forward is not nn.Embedding.forward:
+        if type(embedding).forward not in (nn.Embedding.forward, TritonEmbedding.forward):
             raise TypeError(
                 f"{fn}: {type(embedding).__name__} overrides nn.Embedding.forward (it may scale or "
                 "offset the rows), so a plain int8 lookup would not compute the same function"
@@ -868,7 +869,8 @@ def quantize_model(
             kind = "embedding"
         else:
             continue
-        exact = type(module) is (nn.Linear if kind == "linear" else nn.Embedding)
+        # TritonEmbedding is a plain lookup (only its backward differs): quantized like nn.Embedding
+        exact = type(module) in ((nn.Linear,) if kind == "linear" else (nn.Embedding, TritonEmbedding))
         if not exact:
             base = "nn.Linear" if kind == "linear" else "nn.Embedding"
             detail = f"{type(module).__name__} subclasses {base} (it may compute more than {base})"
