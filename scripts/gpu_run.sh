@@ -3,7 +3,7 @@
 #   OUT=/path bash scripts/gpu_run.sh [tests] [bench] [sweep] [cli]     (default: tests bench)
 # Wheels of peers (liger-kernel) found in .whl/ are installed to /tmp/site first. Results (JSON + MD per
 # benchmark) and logs go to $OUT; BENCHES selects benchmarks (default: the four kernel benchmarks; also
-# e2e_train, e2e_decode, cross_entropy), BENCH_ARGS adds options to every benchmark and ARGS_<name>
+# e2e_train, e2e_decode, cross_entropy, embedding), BENCH_ARGS adds options to every benchmark and ARGS_<name>
 # (e.g. ARGS_e2e_decode="--layers 8") to one. TEST_PATHS / TEST_ARGS narrow the test run. `cli` runs
 # `rotalabs-accel info` and `rotalabs-accel bench --plot` as a user would.
 set -u
