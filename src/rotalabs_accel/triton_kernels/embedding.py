@@ -9,9 +9,10 @@ sorts the ids and runs several passes over segments of them. Here:
    synchronisation: every size is known in advance);
 2. the table gradient is allocated zeroed (one memset);
 3. one kernel, grid ``(tokens, column blocks)``: the program at the first position of a run adds the
-   gradient rows of the run's tokens, in token order, in fp32, and writes the sum once in the table's
-   dtype; programs at other positions do nothing. The order of every sum is fixed, so the result is
-   the same on every run (deterministic), unlike an atomic scatter.
+   gradient rows of the run's tokens in fp32, ``ROWS`` rows per step in token order (a fixed tree
+   over the lanes at the end), and writes the sum once in the table's dtype; programs at other
+   positions do nothing. The order of every sum is fixed, so the result is the same on every run
+   (deterministic), unlike an atomic scatter.
 
 Traffic: the output gradient is read once (``tokens x H``), each touched table row written once, and
 the table zeroed once (``V x H``); the sort moves ``tokens`` integers.
@@ -33,7 +34,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _embedding_backward_kernel(
     grad_ptr, stride_grad, sorted_ids_ptr, order_ptr, run_end_ptr, out_ptr, stride_out, n_cols,
-    padding_idx, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
+    padding_idx, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     pos = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -45,18 +46,27 @@ def _embedding_backward_kernel(
         head = head & (token_id != padding_idx)
     # Only the first position of a run sums it; elsewhere the loop is empty and nothing is stored.
     end = tl.where(head, tl.load(run_end_ptr + pos), pos)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in range(pos, end):
-        row = tl.load(order_ptr + j)
-        acc += tl.load(grad_ptr + row * stride_grad + cols, mask=in_row, other=0.0).to(tl.float32)
+    # ROWS gradient rows per step, in flight together: a frequent id's run (hundreds of tokens in
+    # text) takes ROWS times fewer dependent steps. The order of the sum is fixed by ROWS alone.
+    lanes = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
+    for start in range(pos, end, ROWS):
+        idx = start + lanes
+        valid = idx < end
+        rows = tl.load(order_ptr + idx, mask=valid, other=0)
+        ptrs = grad_ptr + rows[:, None] * stride_grad + cols[None, :]
+        acc += tl.load(ptrs, mask=valid[:, None] & in_row[None, :], other=0.0).to(tl.float32)
+    total = tl.sum(acc, axis=0)
     out_row = out_ptr + token_id * stride_out
-    tl.store(out_row + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < tl.where(head, n_cols, 0))
+    tl.store(out_row + cols, total.to(out_ptr.dtype.element_ty), mask=cols < tl.where(head, n_cols, 0))
 
 
-def _block_h(hidden: int) -> tuple[int, int]:
-    """Columns per program and warps: up to 1024 columns, 8 bf16 elements (16 bytes) per thread."""
-    block = min(triton.next_power_of_2(max(hidden, 1)), 1024)
-    return block, max(1, min(4, block // 256))
+def _launch_shape(hidden: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, ROWS, num_warps)``: 256 columns per program (16 column blocks at H = 4096, so a long
+    run is summed by that many programs at once) and 16 rows per step (32 fp32 accumulators per
+    thread with 4 warps)."""
+    block = min(triton.next_power_of_2(max(hidden, 1)), 256)
+    return block, 16, 4
 
 
 def embedding_backward(
@@ -82,12 +92,12 @@ def embedding_backward(
         return out
     sorted_ids, order = torch.sort(ids, stable=True)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    block_h, num_warps = _block_h(hidden)
+    block_h, rows, num_warps = _launch_shape(hidden)
     grid = (tokens, triton.cdiv(hidden, block_h))
     args = (grad, grad.stride(0), sorted_ids, order, run_end, out, out.stride(0), hidden,
             -1 if padding_idx is None else padding_idx)
     device = grad.get_device()
-    meta = {"BLOCK_H": block_h, "HAS_PADDING": padding_idx is not None}
+    meta = {"BLOCK_H": block_h, "ROWS": rows, "HAS_PADDING": padding_idx is not None}
     if device >= 0 and device != torch.cuda.current_device():
         with torch.cuda.device(device):
             launch(_embedding_backward_kernel, grid, args, num_warps, **meta)
