@@ -8,8 +8,11 @@ each row in fp32 and rounds once, so its error is one rounding of the output (at
 PyTorch also accumulates in fp32 on CUDA (and in the dtype on the CPU). A gradient sent to the wrong
 row, a token dropped from a run or a padding row that receives gradient is off by order one.
 
-Ids are drawn from a small vocabulary with a long run of one id, so rows sum many tokens and runs
-cross the column blocks (hidden sizes 100, and 1100 > 1024: two blocks, the last partial).
+Ids are drawn from a small vocabulary with a long run of one id, so rows sum many tokens (hidden sizes
+100, and 1100 > 1024: two column blocks, the last partial). The kernel cuts the sorted ids into chunks
+of ``CHUNK`` (64) positions and sums runs that cross chunks in pieces; the ``chunk`` fixture runs the
+tests at chunks of 8 too, so runs cross one and several chunk boundaries, start on one, and end in a
+partial last chunk.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ from rotalabs_accel.kernels.embedding import TritonEmbedding
 from rotalabs_accel.reference.embedding import embedding_backward_reference
 
 pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture(params=[8, 64], ids=["chunk8", "chunk64"])
+def chunk(request, monkeypatch):
+    from rotalabs_accel.triton_kernels import embedding as k
+
+    monkeypatch.setattr(k, "CHUNK", request.param)
+    return request.param
 
 
 def _ids(shape, vocab, device, run_id=3, run=40):
@@ -59,21 +70,21 @@ def _check(ids, table, padding_idx=None, grad_view=None, dtype=None):
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("hidden", [100, 1100])
-def test_table_gradient(device, dtype, hidden):
+def test_table_gradient(device, dtype, hidden, chunk):
     table = randn(37, hidden, dtype=dtype, device=device)
     _check(_ids((3, 29), 37, device), table)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("padding_idx", [3, -34, 0])
-def test_padding_row_gets_no_gradient(device, padding_idx):
+def test_padding_row_gets_no_gradient(device, padding_idx, chunk):
     # -34 is row 3 of 37: the long run is the padding id, and is dropped.
     table = randn(37, 64, dtype=torch.bfloat16, device=device)
     _check(_ids((2, 31), 37, device), table, padding_idx=padding_idx)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-def test_int32_ids_leading_dims_and_strided_gradient(device):
+def test_int32_ids_leading_dims_and_strided_gradient(device, chunk):
     table = randn(50, 48, dtype=torch.float16, device=device)
     ids = _ids((2, 3, 7), 50, device).to(torch.int32)
     # the gradient arrives as a transposed view (non-contiguous rows) and as a broadcast (stride 0)
@@ -82,10 +93,28 @@ def test_int32_ids_leading_dims_and_strided_gradient(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-def test_every_token_the_same_and_every_token_distinct(device):
+def test_every_token_the_same_and_every_token_distinct(device, chunk):
     table = randn(300, 32, dtype=torch.bfloat16, device=device)
     _check(torch.full((64,), 7, device=device), table)
     _check(torch.randperm(300, device=device)[:64], table)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("run", [7, 8, 9, 17, 24, 33])
+def test_runs_across_chunk_boundaries(device, run, monkeypatch):
+    """Chunks of 8: a run of ``run`` equal ids placed to start inside, on, and just before a boundary."""
+    from rotalabs_accel.triton_kernels import embedding as k
+
+    monkeypatch.setattr(k, "CHUNK", 8)
+    table = randn(60, 40, dtype=torch.float32, device=device)
+    for first_sorted in (0, 3, 8, 7):
+        # ids below 20 fill the first sorted positions, then the run of id 20, then ids above
+        before = torch.randint(0, 20, (first_sorted,), device=device)
+        after = torch.randint(21, 60, (13,), device=device)
+        ids = torch.cat([before, torch.full((run,), 20, device=device), after])
+        ids = ids[torch.randperm(ids.numel(), device=device)]
+        _check(ids, table)
+        _check(ids, table, padding_idx=20)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -99,7 +128,7 @@ def test_no_tokens(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-def test_deterministic(device):
+def test_deterministic(device, chunk):
     table = randn(20, 96, dtype=torch.float32, device=device)
     ids = _ids((4, 50), 20, device, run=150)
     grad = randn(4, 50, 96, device=device)

@@ -1,21 +1,29 @@
-r"""Triton kernel for the weight gradient of an embedding lookup: deterministic, fp32 sums, no atomics.
+r"""Triton kernels for the weight gradient of an embedding lookup: deterministic, fp32 sums, no atomics.
 
 The forward of an embedding is a gather (``F.embedding``, already at the bandwidth limit). Its backward
-must add the output gradient of every token into the table row of its id; PyTorch's CUDA backward
-sorts the ids and runs several passes over segments of them. Here:
+must add the output gradient of every token into the table row of its id. Here:
 
 1. ``torch.sort(ids, stable=True)`` gives the ids in order and, for each, the token it came from;
-   ``torch.searchsorted`` gives, for each sorted position, the end of its run of equal ids (no host
-   synchronisation: every size is known in advance);
+   ``torch.searchsorted`` gives, for each sorted position, the start and the end of its run of equal
+   ids (no host synchronisation: every size is known in advance);
 2. the table gradient is allocated zeroed (one memset);
-3. one kernel, grid ``(tokens, column blocks)``: the program at the first position of a run adds the
-   gradient rows of the run's tokens in fp32, ``ROWS`` rows per step in token order (a fixed tree
-   over the lanes at the end), and writes the sum once in the table's dtype; programs at other
-   positions do nothing. The order of every sum is fixed, so the result is the same on every run
-   (deterministic), unlike an atomic scatter.
+3. ``_embedding_backward_kernel``, grid ``(tokens, column blocks)``: the sorted positions are cut into
+   chunks of ``CHUNK``. A *leader* is the first position of a run, or the first position of a chunk
+   inside a run that began earlier. Each leader adds, in fp32 and in token order, the gradient rows
+   of its run's tokens up to the end of the run or of the chunk, whichever comes first; every other
+   program does nothing. A run that lies in one chunk is written to the table at once; the pieces of
+   a run that crosses chunks go to a small fp32 scratch (two slots per chunk: the piece of a run
+   entering from the previous chunk, the piece of a run leaving for the next one);
+4. ``_embedding_finish_kernel``, grid ``(chunks, column blocks)``: for each run leaving chunk ``k``
+   and starting in it, adds its pieces in chunk order and writes the row.
+
+So no program sums more than ``CHUNK`` rows (a frequent id in text, hundreds of tokens, is summed by
+many programs at once), and the order of every sum is fixed: the result is the same on every run
+(deterministic), unlike an atomic scatter.
 
 Traffic: the output gradient is read once (``tokens x H``), each touched table row written once, and
-the table zeroed once (``V x H``); the sort moves ``tokens`` integers.
+the table zeroed once (``V x H``); the sort moves ``tokens`` integers; the scratch is
+``2 x ceil(tokens / CHUNK) x H`` fp32 values, of which only the pieces of crossing runs are touched.
 """
 
 from __future__ import annotations
@@ -26,47 +34,73 @@ import triton.language as tl
 
 from ._launch import launch
 
-__all__ = ["KERNEL_DTYPES", "embedding_backward"]
+__all__ = ["KERNEL_DTYPES", "CHUNK", "embedding_backward"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+CHUNK = 64  # most rows one program sums; also the scratch's granularity
+
+
 @triton.jit
 def _embedding_backward_kernel(
-    grad_ptr, stride_grad, sorted_ids_ptr, order_ptr, run_end_ptr, out_ptr, stride_out, n_cols,
-    padding_idx, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    grad_ptr, stride_grad, sorted_ids_ptr, order_ptr, run_start_ptr, run_end_ptr, out_ptr, stride_out,
+    part_ptr, n_cols, padding_idx, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     pos = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_row = cols < n_cols
     token_id = tl.load(sorted_ids_ptr + pos)
-    previous = tl.load(sorted_ids_ptr + tl.maximum(pos - 1, 0))
-    head = (pos == 0) | (previous != token_id)
+    start = tl.load(run_start_ptr + pos)
+    run_end = tl.load(run_end_ptr + pos)
+    chunk = pos // CHUNK
+    chunk_end = (chunk + 1) * CHUNK
+    is_head = start == pos
+    entering = (pos % CHUNK == 0) & (start < pos)  # a run from the previous chunk continues here
+    leader = is_head | entering
     if HAS_PADDING:
-        head = head & (token_id != padding_idx)
-    # Only the first position of a run sums it; elsewhere the loop is empty and nothing is stored.
-    end = tl.where(head, tl.load(run_end_ptr + pos), pos)
-    # ROWS gradient rows per step, in flight together: a frequent id's run (hundreds of tokens in
-    # text) takes ROWS times fewer dependent steps. The order of the sum is fixed by ROWS alone.
-    lanes = tl.arange(0, ROWS)
-    acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
-    for start in range(pos, end, ROWS):
-        idx = start + lanes
-        valid = idx < end
-        rows = tl.load(order_ptr + idx, mask=valid, other=0)
-        ptrs = grad_ptr + rows[:, None] * stride_grad + cols[None, :]
-        acc += tl.load(ptrs, mask=valid[:, None] & in_row[None, :], other=0.0).to(tl.float32)
-    total = tl.sum(acc, axis=0)
-    out_row = out_ptr + token_id * stride_out
-    tl.store(out_row + cols, total.to(out_ptr.dtype.element_ty), mask=cols < tl.where(head, n_cols, 0))
+        leader = leader & (token_id != padding_idx)
+    stop = tl.where(leader, tl.minimum(run_end, chunk_end), pos)  # empty loop for non-leaders
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in range(pos, stop):
+        row = tl.load(order_ptr + j)
+        acc += tl.load(grad_ptr + row * stride_grad + cols, mask=in_row, other=0.0).to(tl.float32)
+    piece = leader & (entering | (run_end > chunk_end))
+    whole = leader & is_head & (run_end <= chunk_end)
+    tl.store(out_ptr + token_id * stride_out + cols, acc.to(out_ptr.dtype.element_ty),
+             mask=cols < tl.where(whole, n_cols, 0))
+    slot = 2 * chunk + tl.where(entering, 0, 1)
+    tl.store(part_ptr + slot * n_cols + cols, acc, mask=cols < tl.where(piece, n_cols, 0))
 
 
-def _launch_shape(hidden: int) -> tuple[int, int, int]:
-    """``(BLOCK_H, ROWS, num_warps)``: 256 columns per program (16 column blocks at H = 4096, so a long
-    run is summed by that many programs at once) and 16 rows per step (32 fp32 accumulators per
-    thread with 4 warps)."""
-    block = min(triton.next_power_of_2(max(hidden, 1)), 256)
-    return block, 16, 4
+@triton.jit
+def _embedding_finish_kernel(
+    sorted_ids_ptr, run_start_ptr, run_end_ptr, out_ptr, stride_out, part_ptr, n_cols, n_tokens,
+    padding_idx, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
+):
+    k = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_row = cols < n_cols
+    last = tl.minimum((k + 1) * CHUNK, n_tokens) - 1
+    token_id = tl.load(sorted_ids_ptr + last)
+    start = tl.load(run_start_ptr + last)
+    run_end = tl.load(run_end_ptr + last)
+    # the run holding chunk k's last position began in chunk k and goes on past it: chunk k owns it
+    owner = (start >= k * CHUNK) & (run_end > (k + 1) * CHUNK)
+    if HAS_PADDING:
+        owner = owner & (token_id != padding_idx)
+    acc = tl.load(part_ptr + (2 * k + 1) * n_cols + cols, mask=cols < tl.where(owner, n_cols, 0), other=0.0)
+    last_chunk = tl.where(owner, (run_end - 1) // CHUNK, k)
+    for c in range(k + 1, last_chunk + 1):
+        acc += tl.load(part_ptr + (2 * c) * n_cols + cols, mask=in_row, other=0.0)
+    tl.store(out_ptr + token_id * stride_out + cols, acc.to(out_ptr.dtype.element_ty),
+             mask=cols < tl.where(owner, n_cols, 0))
+
+
+def _launch_shape(hidden: int) -> tuple[int, int]:
+    """``(BLOCK_H, num_warps)``: up to 1024 columns per program, 8 bf16 elements (16 bytes) per thread."""
+    block = min(triton.next_power_of_2(max(hidden, 1)), 1024)
+    return block, max(1, min(4, block // 256))
 
 
 def embedding_backward(
@@ -91,16 +125,23 @@ def embedding_backward(
     if tokens == 0 or hidden == 0:
         return out
     sorted_ids, order = torch.sort(ids, stable=True)
+    run_start = torch.searchsorted(sorted_ids, sorted_ids)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    block_h, rows, num_warps = _launch_shape(hidden)
-    grid = (tokens, triton.cdiv(hidden, block_h))
-    args = (grad, grad.stride(0), sorted_ids, order, run_end, out, out.stride(0), hidden,
-            -1 if padding_idx is None else padding_idx)
+    chunks = triton.cdiv(tokens, CHUNK)
+    part = torch.empty((2 * chunks, hidden), dtype=torch.float32, device=grad.device)
+    block_h, num_warps = _launch_shape(hidden)
+    col_blocks = triton.cdiv(hidden, block_h)
+    pad = -1 if padding_idx is None else padding_idx
+    meta = {"CHUNK": CHUNK, "BLOCK_H": block_h, "HAS_PADDING": padding_idx is not None}
+    sums = (grad, grad.stride(0), sorted_ids, order, run_start, run_end, out, out.stride(0), part, hidden,
+            pad)
+    finish = (sorted_ids, run_start, run_end, out, out.stride(0), part, hidden, tokens, pad)
     device = grad.get_device()
-    meta = {"BLOCK_H": block_h, "ROWS": rows, "HAS_PADDING": padding_idx is not None}
     if device >= 0 and device != torch.cuda.current_device():
         with torch.cuda.device(device):
-            launch(_embedding_backward_kernel, grid, args, num_warps, **meta)
+            launch(_embedding_backward_kernel, (tokens, col_blocks), sums, num_warps, **meta)
+            launch(_embedding_finish_kernel, (chunks, col_blocks), finish, num_warps, **meta)
     else:
-        launch(_embedding_backward_kernel, grid, args, num_warps, **meta)
+        launch(_embedding_backward_kernel, (tokens, col_blocks), sums, num_warps, **meta)
+        launch(_embedding_finish_kernel, (chunks, col_blocks), finish, num_warps, **meta)
     return out
