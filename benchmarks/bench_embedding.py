@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 note = f"{dist} ids (max {repeats} of one id); rel. err {err:.1e}"
                 if not ok:
                     note += " MISMATCH"
-                rows.append(Row("embedding_fwdbwd", name, [tokens, vocab, hidden], ms, GBps=rate,
+                rows.append(Row(f"embedding_fwdbwd ({dist})", name, [tokens, vocab, hidden], ms, GBps=rate,
                                 pct_of_ceiling=100 * rate / copy if copy else None, note=note))
                 shape = f"{tokens}x{vocab}x{hidden}"
                 print(f"{dist:8s} {shape} {name:8s} {ms * 1e3:8.1f} us {rate:7,.0f} GB/s  {note}")
