@@ -4,8 +4,8 @@ The forward of an embedding is a gather (``F.embedding``, already at the bandwid
 must add the output gradient of every token into the table row of its id. Here:
 
 1. ``torch.sort(ids, stable=True)`` gives the ids in order and, for each, the token it came from;
-   ``torch.searchsorted`` gives, for each sorted position, the start and the end of its run of equal
-   ids (no host synchronisation: every size is known in advance);
+   ``torch.searchsorted`` gives, for each sorted position, the end of its run of equal ids (no host
+   synchronisation: every size is known in advance; a run's start shows as a change of id);
 2. the table gradient is allocated zeroed (one memset);
 3. ``_embedding_backward_kernel``, grid ``(tokens, column blocks)``: the sorted positions are cut into
    chunks of ``CHUNK``. A *leader* is the first position of a run, or the first position of a chunk
@@ -44,19 +44,19 @@ CHUNK = 64  # most rows one program sums; also the scratch's granularity
 
 @triton.jit
 def _embedding_backward_kernel(
-    grad_ptr, stride_grad, sorted_ids_ptr, order_ptr, run_start_ptr, run_end_ptr, out_ptr, stride_out,
-    part_ptr, n_cols, padding_idx, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
+    grad_ptr, stride_grad, sorted_ids_ptr, order_ptr, run_end_ptr, out_ptr, stride_out, part_ptr, n_cols,
+    padding_idx, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     pos = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_row = cols < n_cols
     token_id = tl.load(sorted_ids_ptr + pos)
-    start = tl.load(run_start_ptr + pos)
+    previous = tl.load(sorted_ids_ptr + tl.maximum(pos - 1, 0))
     run_end = tl.load(run_end_ptr + pos)
     chunk = pos // CHUNK
     chunk_end = (chunk + 1) * CHUNK
-    is_head = start == pos
-    entering = (pos % CHUNK == 0) & (start < pos)  # a run from the previous chunk continues here
+    is_head = (pos == 0) | (previous != token_id)
+    entering = (pos % CHUNK == 0) & (pos > 0) & (previous == token_id)  # a run from the previous chunk
     leader = is_head | entering
     if HAS_PADDING:
         leader = leader & (token_id != padding_idx)
@@ -75,18 +75,19 @@ def _embedding_backward_kernel(
 
 @triton.jit
 def _embedding_finish_kernel(
-    sorted_ids_ptr, run_start_ptr, run_end_ptr, out_ptr, stride_out, part_ptr, n_cols, n_tokens,
-    padding_idx, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
+    sorted_ids_ptr, run_end_ptr, out_ptr, stride_out, part_ptr, n_cols, n_tokens, padding_idx,
+    CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, HAS_PADDING: tl.constexpr,
 ):
     k = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_row = cols < n_cols
     last = tl.minimum((k + 1) * CHUNK, n_tokens) - 1
     token_id = tl.load(sorted_ids_ptr + last)
-    start = tl.load(run_start_ptr + last)
+    before = tl.load(sorted_ids_ptr + tl.maximum(k * CHUNK - 1, 0))
     run_end = tl.load(run_end_ptr + last)
-    # the run holding chunk k's last position began in chunk k and goes on past it: chunk k owns it
-    owner = (start >= k * CHUNK) & (run_end > (k + 1) * CHUNK)
+    # The run holding chunk k's last position began in chunk k (the previous chunk's last id differs:
+    # a run is contiguous) and goes on past it: chunk k owns it.
+    owner = ((k == 0) | (before != token_id)) & (run_end > (k + 1) * CHUNK)
     if HAS_PADDING:
         owner = owner & (token_id != padding_idx)
     acc = tl.load(part_ptr + (2 * k + 1) * n_cols + cols, mask=cols < tl.where(owner, n_cols, 0), other=0.0)
@@ -125,7 +126,6 @@ def embedding_backward(
     if tokens == 0 or hidden == 0:
         return out
     sorted_ids, order = torch.sort(ids, stable=True)
-    run_start = torch.searchsorted(sorted_ids, sorted_ids)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     chunks = triton.cdiv(tokens, CHUNK)
     part = torch.empty((2 * chunks, hidden), dtype=torch.float32, device=grad.device)
@@ -133,9 +133,8 @@ def embedding_backward(
     col_blocks = triton.cdiv(hidden, block_h)
     pad = -1 if padding_idx is None else padding_idx
     meta = {"CHUNK": CHUNK, "BLOCK_H": block_h, "HAS_PADDING": padding_idx is not None}
-    sums = (grad, grad.stride(0), sorted_ids, order, run_start, run_end, out, out.stride(0), part, hidden,
-            pad)
-    finish = (sorted_ids, run_start, run_end, out, out.stride(0), part, hidden, tokens, pad)
+    sums = (grad, grad.stride(0), sorted_ids, order, run_end, out, out.stride(0), part, hidden, pad)
+    finish = (sorted_ids, run_end, out, out.stride(0), part, hidden, tokens, pad)
     device = grad.get_device()
     if device >= 0 and device != torch.cuda.current_device():
         with torch.cuda.device(device):
