@@ -17,6 +17,9 @@ of the table through ``torch.autograd.grad``. Implementations:
 * ``compile``: ``torch.compile`` of ``F.embedding`` (Inductor's backward: a zero fill and an atomic
   scatter-add, so not deterministic).
 
+Each row also notes the GPU time of the call's kernels alone (``torch.profiler``): where the CUDA-event
+time is well above it, the host issuing the step (sort, search, allocation, launches) is the limit.
+
 Bytes counted (the minimum): forward reads and writes ``tokens x H``; backward reads the gradient
 ``tokens x H`` and writes the whole table ``vocab x H`` (zeros included): ``(3 * tokens + vocab) * H``
 elements of 2 bytes. Every implementation's gradient is checked against an fp32 ``index_add`` of the
@@ -68,6 +71,22 @@ def cpu_ms(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def kernel_us(fn, steps: int = 10) -> float:
+    """GPU microseconds per call summed over its kernels (torch.profiler): the time without host gaps.
+    Where it is well below the CUDA-event time, the call is bound by the host issuing it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total
+                for e in prof.key_averages())
+    return total / steps
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="results directory")
@@ -109,6 +128,8 @@ def main(argv=None) -> int:
                 ms = cpu_ms(step) if args.cpu_smoke else bench_ms(step, warmup=25, rep=200)
                 rate = gbps(nbytes, ms)
                 note = f"{dist} ids (max {repeats} of one id); rel. err {err:.1e}"
+                if not args.cpu_smoke:
+                    note += f"; kernels alone {kernel_us(step):.0f} us"
                 if not ok:
                     note += " MISMATCH"
                 rows.append(Row(f"embedding_fwdbwd ({dist})", name, [tokens, vocab, hidden], ms, GBps=rate,
