@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import sys
 import types
 
@@ -331,6 +332,20 @@ def test_packed_sequence_check_switch_positional_positions_and_copies(monkeypatc
     # A copy's instance forward belongs to the copy (a bound method is copied by name).
     clone = copy.deepcopy(model)
     assert clone.model.forward.__self__ is clone.model
+    # Pickling stores the instance forward by name: the loaded model runs its class's forward (the
+    # check on again, same results), and optimizing it again restores the skip.
+    loaded = pickle.loads(pickle.dumps(model))
+    assert getattr(vars(loaded.model).get("forward"), "__func__", None) is not None
+    calls.clear()
+    with torch.no_grad():
+        loaded.model(ids, use_cache=False)
+    assert len(calls) == 1
+    loaded, report = optimize_model(loaded, report=True)
+    assert report.count("packed_check", "skipped") == 1, str(report)
+    calls.clear()
+    with torch.no_grad():
+        loaded.model(ids, use_cache=False)
+    assert not calls
 
 
 @pytest.mark.parametrize("order", ["optimize_then_move", "move_then_optimize"])

@@ -1017,9 +1017,11 @@ def _skip_packed_check(m: nn.Module) -> tuple[str, str]:
     fn = getattr(masking, _PACKED_FN_NAME, None)
     if fn is None:
         return "left", "this transformers version has no packed-sequence check"
-    if getattr(m, _POSITIONS_ATTR, None) is not None:
+    instance_forward = vars(m).get("forward")
+    if getattr(instance_forward, "__func__", None) is _derived_positions_forward:
         return "already", "the packed-sequence check is already skipped when positions are derived"
-    if "forward" in vars(m):
+    # (an unpickled model holds its class's own forward bound on the instance: no override)
+    if instance_forward is not None and getattr(instance_forward, "__func__", None) is not type(m).forward:
         return "left", "the model's forward is already overridden on the instance"
     try:
         params = list(inspect.signature(type(m).forward).parameters)
