@@ -106,12 +106,17 @@ def _op_probe_tensors(device: torch.device, dtype: torch.dtype) -> dict[str, tup
     cos = torch.empty(16, 64, device=device, dtype=torch.float32)
     wq = torch.empty(4096, 4096, device=device, dtype=torch.int8)
     scale = torch.empty(4096, device=device, dtype=torch.float32)
+    logits = torch.empty(8, 32000, device=device, dtype=dtype)
+    target = torch.empty(8, device=device, dtype=torch.int64)
+    table = torch.empty(128, 64, device=device, dtype=dtype)
     return {
         "rmsnorm": ("rmsnorm", (x, w), "rmsnorm / TritonRMSNorm"),
         "add_rmsnorm": ("rmsnorm_residual_fused", (x, x, w), "rmsnorm_residual_fused"),
         "swiglu": ("swiglu_fused", (x, x), "swiglu_fused / SwiGLU"),
         "rope": ("apply_rope", (q, k, cos, cos), "apply_rope / RotaryEmbedding"),
         "int8_linear": ("int8_gemm", (x, wq, scale), "int8_gemm / Int8Linear / QuantizedLinear"),
+        "cross_entropy": ("cross_entropy", (logits, target), "cross_entropy / causal_lm_loss"),
+        "embedding": ("embedding", (target, table), "embedding / TritonEmbedding (table gradient)"),
     }
 
 
