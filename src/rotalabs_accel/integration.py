@@ -703,16 +703,20 @@ def revert_rope_patches() -> list[str]:
         >>> isinstance(revert_rope_patches(), list)
         True
     """
+    return _restore(_ROPE_PATCHES, _ROPE_FN_NAME)
+
+
+def _restore(patches: dict[str, Callable], fn_name: str) -> list[str]:
+    """Put back each ``module.fn_name`` recorded in ``patches`` (module name -> original) that still
+    holds our wrapper of that original; empties ``patches``; returns the modules restored."""
     restored = []
-    for name, original in list(_ROPE_PATCHES.items()):
+    for name, original in list(patches.items()):
         pymodule = sys.modules.get(name)
-        if (
-            pymodule is not None
-            and getattr(getattr(pymodule, _ROPE_FN_NAME, None), _ORIGINAL_ATTR, None) is original
-        ):
-            setattr(pymodule, _ROPE_FN_NAME, original)
+        current = getattr(pymodule, fn_name, None) if pymodule is not None else None
+        if getattr(current, _ORIGINAL_ATTR, None) is original:
+            setattr(pymodule, fn_name, original)
             restored.append(name)
-        del _ROPE_PATCHES[name]
+        del patches[name]
     return restored
 
 
@@ -1007,8 +1011,7 @@ def _builds_causal_mask(m: nn.Module) -> bool:
     cls = type(m)
     if cls.__name__ not in _ARANGE_POSITION_MODELS or not cls.__module__.startswith("transformers."):
         return False
-    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
-    code = getattr(forward, "__code__", None)
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
     return code is not None and any(name in code.co_names for name in _MASK_BUILDERS)
 
 
@@ -1057,17 +1060,7 @@ def revert_patches() -> list[str]:
         >>> isinstance(revert_patches(), list)
         True
     """
-    restored = revert_rope_patches()
-    for name, original in list(_MASK_PATCHES.items()):
-        pymodule = sys.modules.get(name)
-        if (
-            pymodule is not None
-            and getattr(getattr(pymodule, _PACKED_FN_NAME, None), _ORIGINAL_ATTR, None) is original
-        ):
-            setattr(pymodule, _PACKED_FN_NAME, original)
-            restored.append(name)
-        del _MASK_PATCHES[name]
-    return restored
+    return revert_rope_patches() + _restore(_MASK_PATCHES, _PACKED_FN_NAME)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,10 +74,9 @@ def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None
     check_same_device(op, input=input, weight=weight)
     padding_idx = _resolve_padding_idx(op, padding_idx, weight.shape[0])
     reason = None if weight.dtype in _KERNEL_DTYPES else f"{weight.dtype} tables have no kernel"
-    if not (torch.is_grad_enabled() and weight.requires_grad):
-        # no table gradient to compute: the plain lookup (inlined by torch.compile, no custom op)
-        return F.embedding(input, weight, padding_idx)
-    if select_backend(op, input, weight, kernel_reason=reason) == "torch":
+    # With no table gradient to compute, the plain lookup (inlined by torch.compile, no custom op).
+    needs_grad = torch.is_grad_enabled() and weight.requires_grad
+    if not needs_grad or select_backend(op, input, weight, kernel_reason=reason) == "torch":
         return F.embedding(input, weight, padding_idx)
     ids = input if input.dtype == torch.int64 else input.long()
     pad = -1 if padding_idx is None else padding_idx

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch"]
+__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch", "on_device"]
 
 # (kernel, device, options, constexprs, arg_key) -> [compiled, constexpr tail, last grid, its runner]
 _COMPILED: dict[tuple, list] = {}
@@ -40,6 +40,15 @@ _Tensor = torch.Tensor
 _U64_MIN = 1 << 63  # integers from here on are passed as u64
 # What Triton's launcher itself calls to find the current stream; handing it over saves that lookup.
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def on_device(index: int, fn, *args):
+    """``fn(*args)`` with CUDA device ``index`` current: Triton launches on the current device, so this
+    switches only when the tensors live on another GPU (``index`` is -1 for CPU tensors)."""
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return fn(*args)
+    return fn(*args)
 
 
 def direct_launch_enabled() -> bool:

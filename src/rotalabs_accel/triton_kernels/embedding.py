@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import launch, on_device
 
 __all__ = ["KERNEL_DTYPES", "CHUNK", "embedding_backward"]
 
@@ -135,12 +135,9 @@ def embedding_backward(
     meta = {"CHUNK": CHUNK, "BLOCK_H": block_h, "HAS_PADDING": padding_idx is not None}
     sums = (grad, grad.stride(0), sorted_ids, order, run_end, out, out.stride(0), part, hidden, pad)
     finish = (sorted_ids, run_end, out, out.stride(0), part, hidden, tokens, pad)
-    device = grad.get_device()
-    if device >= 0 and device != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            launch(_embedding_backward_kernel, (tokens, col_blocks), sums, num_warps, **meta)
-            launch(_embedding_finish_kernel, (chunks, col_blocks), finish, num_warps, **meta)
-    else:
+    def run():
         launch(_embedding_backward_kernel, (tokens, col_blocks), sums, num_warps, **meta)
         launch(_embedding_finish_kernel, (chunks, col_blocks), finish, num_warps, **meta)
+
+    on_device(grad.get_device(), run)
     return out

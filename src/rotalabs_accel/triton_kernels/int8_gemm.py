@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
-from ._launch import KernelLaunch, launch
+from ._launch import KernelLaunch, launch, on_device
 from .int8_config import (
     DotConfig,
     GemvConfig,
@@ -633,14 +633,6 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
     return site, k_per_split, split, reduce
 
 
-def _on_device(index: int, fn, *args):
-    # Triton launches on the current device: switch only when the tensor lives on another GPU.
-    if index >= 0 and index != torch.cuda.current_device():
-        with torch.cuda.device(index):
-            return fn(*args)
-    return fn(*args)
-
-
 def _empty_result(x, weight, bias):
     m, n = x.shape[0], weight.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -774,7 +766,7 @@ def w8a16_gemv_group(
     index = x.get_device()
     constexprs = {"HAS_BIAS": has_bias, "EVEN_K": k % block_k == 0, "BLOCK_N": block_n, "BLOCK_K": block_k,
                   "NUM_STAGES": 1}
-    _on_device(index, lambda: launch(_w8a16_gemv_group_kernel, grid, args, num_warps, 1, **constexprs))
+    on_device(index, lambda: launch(_w8a16_gemv_group_kernel, grid, args, num_warps, 1, **constexprs))
     return out
 
 
@@ -803,7 +795,7 @@ def quantize_rows(x: torch.Tensor, config: QuantConfig | None = None) -> tuple[t
             _quantize_rows_kernel, (m,), cfg.num_warps, None, device=index,
             BLOCK_K=cfg.block_k, ONE_PASS=k <= cfg.block_k, enable_fp_fusion=False,
         ))
-    _on_device(index, site, (x, q, s, k, stride_xm), (x.data_ptr() & 15, x.dtype, stride_xm))
+    on_device(index, site, (x, q, s, k, stride_xm), (x.data_ptr() & 15, x.dtype, stride_xm))
     return q, s
 
 
@@ -874,5 +866,5 @@ def w8a8_gemm(
     args = (xq, sx, weight, scale, b_arg, out, m, n, k, weight.stride(0), scale.stride(0))
     spec = (xq.data_ptr() & 15, sx.data_ptr() & 15, weight.data_ptr() & 15, scale.data_ptr() & 15,
             b_arg.data_ptr() & 15, b_arg.dtype, out_dtype, weight.stride(0), scale.stride(0))
-    _on_device(index, site, args, spec)
+    on_device(index, site, args, spec)
     return out
