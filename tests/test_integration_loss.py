@@ -18,7 +18,7 @@ from torch import nn
 from helpers import assert_within_torch_error, kernel_devices
 from rotalabs_accel import optimize_model, use_backend
 from rotalabs_accel.functional.loss import causal_lm_loss
-from rotalabs_accel.integration import revert_rope_patches
+from rotalabs_accel.integration import revert_patches
 
 transformers = pytest.importorskip("transformers")
 loss_utils = pytest.importorskip("transformers.loss.loss_utils")
@@ -28,9 +28,9 @@ VOCAB = 96
 
 @pytest.fixture(autouse=True)
 def _restore_rope():
-    revert_rope_patches()
+    revert_patches()
     yield
-    revert_rope_patches()
+    revert_patches()
 
 
 def _config(**overrides):
