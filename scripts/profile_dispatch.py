@@ -257,7 +257,62 @@ def backward_thread():
                 cls.backward = original
 
 
+def launch_costs():
+    """Host microseconds of one launch of a trivial kernel through each door, and of the allocations
+    an op makes: what every forward and backward pays per kernel."""
+    import triton
+    import triton.language as tl
+
+    from rotalabs_accel.triton_kernels import _launch
+
+    @triton.jit
+    def touch(X, n, BLOCK: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(X + cols, 1.0, mask=cols < n)
+
+    x = torch.zeros(256, device="cuda")
+    compiled = touch[(1,)](x, 256, BLOCK=256)
+    runner = compiled[(1, 1, 1)]
+    stream = torch.cuda.current_stream().cuda_stream
+    site = _launch.KernelLaunch(touch, (1,), 4, device=0, BLOCK=256)
+    site((x, 256))
+    direct = _launch._c_launcher(compiled, (1, 1, 1), (256,))
+    cases = {
+        "kernel[grid](...) (Triton's JIT path)": lambda: touch[(1,)](x, 256, BLOCK=256),
+        "compiled[grid](..., stream=) (Triton's runner)": lambda: runner(x, 256, 256, stream=stream),
+        "KernelLaunch site (ours)": lambda: site((x, 256)),
+        "torch.empty((4096,), device=cuda)": lambda: torch.empty((4096,), device="cuda"),
+        "torch.empty_like(x)": lambda: torch.empty_like(x),
+        "x.new_empty((64,), dtype=float32)": lambda: x.new_empty((64,), dtype=torch.float32),
+        "torch.cuda.current_device()": torch.cuda.current_device,
+        "_launch.current_device()": _launch.current_device,
+        "x + x (one ATen launch)": lambda: x + x,
+    }
+    if direct is not None:
+        cases["compiled launcher's C entry (ours, direct)"] = lambda: direct(stream, (x, 256))
+    print(f"C entry in use: {_launch._c_launch_ok}, triton {triton.__version__}")
+    for name, fn in cases.items():
+        print(f"== {name}: {per_call_us(fn, 5000):.2f} us/call")
+
+
 def main():
+    if sys.argv[1:2] == ["--launch"]:
+        launch_costs()
+        return
+    if sys.argv[1:] == ["--host", "--after-compile"]:
+        # Host-bound timings in a process that has also compiled and run a torch.compile function
+        # (as the benchmark processes do for their peers): does that change our host cost?
+        host_vs_gpu()
+        f = torch.compile(lambda a, b: (a.float() * torch.rsqrt(a.float().pow(2).mean(-1, keepdim=True)
+                                                                 + 1e-6)).to(a.dtype) * b)
+        a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b = torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3):
+            f(a, b).sum().backward()
+        torch.cuda.synchronize()
+        print("-- after torch.compile of an RMSNorm function (forward + backward run):")
+        host_vs_gpu()
+        return
     if sys.argv[1:] == ["--bwdthread"]:
         backward_thread()
         return

@@ -15,12 +15,11 @@ Rules, in order:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
-from .utils import is_triton_available, is_triton_interpreter
+from .utils import environ_get, is_triton_available, is_triton_interpreter
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select_backend", "check_same_device"]
 
@@ -47,7 +46,7 @@ def get_backend() -> str:
     """
     if _override is not None:
         return _override
-    env = os.environ.get(ENV_VAR)
+    env = environ_get(ENV_VAR)
     if env is None or env == "":
         return "auto"
     env = env.strip().lower()
@@ -116,10 +115,14 @@ def select_backend(op: str, *tensors: torch.Tensor | None, kernel_reason: str | 
             sentence saying why not (for example ``"the interleaved layout has no kernel"``). Under
             ``auto`` such calls fall back quietly; under ``triton`` they raise.
     """
-    requested = get_backend()
+    requested = _override if _override is not None else get_backend()
     if requested == "torch":
         return "torch"
-    all_cuda = all(t.is_cuda for t in tensors if t is not None)
+    all_cuda = True
+    for t in tensors:
+        if t is not None and not t.is_cuda:
+            all_cuda = False
+            break
     if requested == "auto":
         if all_cuda and kernel_reason is None and is_triton_available() and not is_triton_interpreter():
             return "triton"

@@ -36,6 +36,29 @@ def is_cuda_available() -> bool:
 
 _triton_state: bool | None = None
 
+# os.environ re-encodes the name and decodes the value on every lookup; the dispatch reads two
+# variables per op call, so it reads the mapping os.environ keeps them in (kept in step by every
+# os.environ / os.putenv-through-os.environ write, as monkeypatch.setenv does) when that is available.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+
+
+def environ_get(name: str) -> str | None:
+    """``os.environ.get(name)``, cheaper: the dispatch calls it on every op call."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    value = _ENV_DATA.get(_ENV_KEYS.get(name) or _env_key(name))
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEYS: dict[str, Any] = {}
+
+
+def _env_key(name: str):
+    key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    return key
+
 
 def _triton_importable() -> bool:
     if "triton" in sys.modules:
@@ -71,7 +94,7 @@ def is_triton_available() -> bool:
 
 def is_triton_interpreter() -> bool:
     """Return ``True`` when ``TRITON_INTERPRET=1`` is set (kernels then run on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environ_get("TRITON_INTERPRET") not in (None, "", "0")
 
 
 def autocast_enabled(device_type: str) -> bool:

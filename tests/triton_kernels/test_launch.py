@@ -165,3 +165,85 @@ def test_real_kernel_through_both_doors(device):
             torch.testing.assert_close(y, -0.5 * x)
     if cuda_available():
         assert launch_module.direct_launch_enabled(), "this Triton refused the direct launch"
+    if cuda_available() and launch_module._check_c_launch_convention():
+        # On the Triton version whose launcher convention was verified, repeated launches call the
+        # compiled launcher's C entry directly (the results above prove it passes the right arguments).
+        assert launch_module._c_launch_ok
+        runs = [site._entries[key] for site in sites.values() for key in site._entries]
+        assert runs and all(run.__qualname__.startswith("_c_launcher") for run in runs)
+
+
+class _CLauncher:
+    """Stands for Triton 3.6's CudaLauncher: records what its C entry receives."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+
+class _CompiledWithLauncher(_Compiled):
+    function, packed_metadata = 0xF00, ("meta",)
+
+    def __init__(self, scratch=0):
+        super().__init__()
+        self.run = _CLauncher()
+        self.run.global_scratch_size = scratch
+        self.handles = 0
+
+    def _init_handles(self):
+        self.handles += 1
+
+
+class _KernelWithLauncher(_Kernel):
+    def __init__(self, scratch=0):
+        super().__init__()
+        self.compiled = _CompiledWithLauncher(scratch)
+
+
+def test_c_entry_gets_triton_36_argument_order(fresh_cache, monkeypatch):
+    # Grid, stream, function, cooperative / PDL flags, no scratch, packed metadata, no launch metadata
+    # and no hooks, then the runtime arguments and the constexprs in signature order.
+    k = fresh_cache
+    monkeypatch.setattr(k, "_c_launch_ok", True)
+    monkeypatch.setattr(k, "_launch_hooks_installed", lambda: False)
+    kernel, x = _KernelWithLauncher(), _OnGpu()
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    k.launch(kernel, (5, 2), (x, 32), 8, B=2, A=1)
+    site = k.KernelLaunch(kernel, (3,), 4, device=0, B=5, A=6)
+    site((x, 16))
+    site((x, 16))
+    assert kernel.compiled.calls == []  # Triton's runner was never used for the relaunches
+    assert kernel.compiled.run.calls == [
+        (5, 2, 1, 100, 0xF00, False, True, None, None, ("meta",), None, None, None, x, 32, 1, 2),
+        (3, 1, 1, 100, 0xF00, False, True, None, None, ("meta",), None, None, None, x, 16, 6, 5),
+    ]
+
+
+@pytest.mark.parametrize("case", ["scratch", "hooks", "other_triton"])
+def test_c_entry_declined_keeps_tritons_runner(fresh_cache, monkeypatch, case):
+    # Scratch memory to allocate, launch hooks to call, or an unverified Triton: Triton's own runner.
+    k = fresh_cache
+    monkeypatch.setattr(k, "_c_launch_ok", False if case == "other_triton" else True)
+    monkeypatch.setattr(k, "_launch_hooks_installed", lambda: case == "hooks")
+    kernel, x = _KernelWithLauncher(scratch=64 if case == "scratch" else 0), _OnGpu()
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    k.launch(kernel, (4,), (x, 16), 8, B=2, A=1)
+    assert kernel.compiled.run.calls == []
+    assert kernel.compiled.calls == [((4, 1, 1), (x, 16, 1, 2), 100)]
+
+
+def test_c_launch_convention_is_checked_once_per_process(monkeypatch):
+    # An unverified Triton (the check runs against the installed one) is never called directly.
+    triton = pytest.importorskip("triton")
+    verified = triton.__version__.startswith(launch_module._C_LAUNCH_VERSIONS)
+    if not verified:
+        assert launch_module._check_c_launch_convention() is False
+    monkeypatch.setattr(launch_module, "_c_launch_ok", None)
+    monkeypatch.setattr(launch_module, "_check_c_launch_convention", lambda: False)
+    assert launch_module._c_launcher(_CompiledWithLauncher(), (1, 1, 1), ()) is None
+    assert launch_module._c_launch_ok is False

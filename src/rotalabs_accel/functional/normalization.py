@@ -138,16 +138,20 @@ def rmsnorm(
     """
     _validate("rmsnorm", x, weight, None, offset, casting_mode)
     eps = _resolve_eps(eps, x.dtype)
-    offset = float(offset)
-    backend = select_backend("rmsnorm", x, weight, kernel_reason=_kernel_reason(x, weight))
-    if backend == "torch":
+    if type(offset) is not float:
+        offset = float(offset)
+    dtype = x.dtype
+    reason = None
+    if dtype not in _KERNEL_DTYPES or (weight is not None and weight.dtype not in _KERNEL_DTYPES):
+        reason = _kernel_reason(x, weight)
+    if select_backend("rmsnorm", x, weight, kernel_reason=reason) == "torch":
         return rmsnorm_reference(x, weight, eps, offset=offset, casting_mode=casting_mode)
-    x2 = _rows(x)
+    x2 = x if x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1) else _rows(x)
     if torch.compiler.is_compiling():
         y = _ops.rmsnorm_rows_compiled(x2, weight, eps, offset, casting_mode)
     else:
         y = _ops.rmsnorm_rows(x2, weight, eps, offset, casting_mode)
-    return y if x.dim() == 2 else y.view(x.shape)
+    return y if x2 is x else y.view(x.shape)
 
 
 def rmsnorm_residual_fused(

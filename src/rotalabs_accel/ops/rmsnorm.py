@@ -141,8 +141,12 @@ def rmsnorm_rows(
     x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
 ) -> torch.Tensor:
     """Eager RMSNorm of a 2-D ``(M, N)`` tensor through the Triton kernels (differentiable)."""
-    out_dtype = _out_dtype(x.dtype, weight, casting_mode)
-    if _needs_grad(x, weight):
+    x_dtype = x.dtype
+    if weight is None or casting_mode == "gemma" or weight.dtype == x_dtype:
+        out_dtype = x_dtype
+    else:
+        out_dtype = torch.promote_types(x_dtype, weight.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNormFunction.apply(x, weight, (eps, offset, casting_mode, out_dtype))
     return _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, out_dtype=out_dtype, store_rstd=False

@@ -20,6 +20,14 @@ host catches up. Two doors avoid that:
     summarizes what can still change between its calls (in practice the low address bits of the
     tensors), so a launch costs one dictionary lookup on top of Triton's own launcher.
 
+Both keep, per compiled kernel and grid, the cheapest callable that launches it. With the Triton
+version this was checked against (3.6, whose launcher's calling convention is verified before use;
+see :func:`_c_launcher`) that is the compiled launcher's C entry called with the full argument list,
+skipping the three Python frames Triton puts in front of it (grid runner, launch-metadata hook
+check, scratch allocation); that matters because every microsecond of host time between a forward and
+a backward launch can leave the GPU idle. Kernels that need global or profile scratch memory, launch
+hooks installed when the kernel was first launched, and other Triton versions get Triton's runner.
+
 Under the interpreter, on CPU tensors, or if a direct launch is ever refused by this Triton version,
 every call takes Triton's ordinary path.
 """
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch", "on_device"]
+__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch", "on_device", "current_device"]
 
 # (kernel, device, options, constexprs, arg_key) -> [compiled, constexpr tail, last grid, its runner]
 _COMPILED: dict[tuple, list] = {}
@@ -40,12 +48,15 @@ _Tensor = torch.Tensor
 _U64_MIN = 1 << 63  # integers from here on are passed as u64
 # What Triton's launcher itself calls to find the current stream; handing it over saves that lookup.
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+# The current CUDA device index. Callers hold a CUDA tensor, so CUDA is initialized and the C getter
+# (what torch.cuda.current_device calls after its initialization check) answers directly.
+current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def on_device(index: int, fn, *args):
     """``fn(*args)`` with CUDA device ``index`` current: Triton launches on the current device, so this
     switches only when the tensors live on another GPU (``index`` is -1 for CPU tensors)."""
-    if index >= 0 and index != torch.cuda.current_device():
+    if index >= 0 and index != current_device():
         with torch.cuda.device(index):
             return fn(*args)
     return fn(*args)
@@ -91,9 +102,76 @@ def _first_launch(kernel, grid: tuple, args: tuple, options: dict, constexprs: d
     return compiled, tuple(constexprs[name] for name in names)
 
 
-def _runner(compiled, grid: tuple):
-    # Compiled kernels index all three grid dimensions.
-    return compiled[grid + (1,) * (3 - len(grid))]
+# Whether this Triton's launcher takes the calling convention _c_launcher relies on (None: not checked).
+_c_launch_ok: bool | None = None
+_C_LAUNCH_VERSIONS = ("3.6.",)
+_C_LAUNCH_PARAMS = ("self", "gridX", "gridY", "gridZ", "stream", "function", "args")
+
+
+def _check_c_launch_convention() -> bool:
+    """Triton 3.6's ``CudaLauncher.__call__(gridX, gridY, gridZ, stream, function, *args)`` forwards to
+    ``launch(gridX, gridY, gridZ, stream, function, cooperative, pdl, global_scratch, profile_scratch,
+    *args)`` where ``args`` = ``(packed_metadata, launch_metadata, enter_hook, exit_hook, *kernel args)``.
+    Only that version, with that signature, is called directly."""
+    try:
+        import inspect
+
+        import triton
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        if not triton.__version__.startswith(_C_LAUNCH_VERSIONS):
+            return False
+        params = inspect.signature(CudaLauncher.__call__).parameters.values()
+        names = tuple(p.name for p in params)
+        return names == _C_LAUNCH_PARAMS and list(params)[-1].kind is inspect.Parameter.VAR_POSITIONAL
+    except Exception:
+        return False
+
+
+def _launch_hooks_installed() -> bool:
+    from triton import knobs
+
+    runtime = knobs.runtime
+    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+
+
+def _c_launcher(compiled, grid: tuple, tail: tuple):
+    """``fn(stream, args)`` calling the compiled launcher's entry directly, or None where unsupported."""
+    global _c_launch_ok
+    if _c_launch_ok is None:
+        _c_launch_ok = _check_c_launch_convention()
+    if not _c_launch_ok:
+        return None
+    try:
+        compiled._init_handles()
+        launcher = compiled.run
+        if launcher.global_scratch_size or launcher.profile_scratch_size or _launch_hooks_installed():
+            return None
+        entry, function, metadata = launcher.launch, compiled.function, compiled.packed_metadata
+        cooperative, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+    except Exception:
+        return None
+    gx, gy, gz = grid
+
+    def run(stream, args):
+        entry(gx, gy, gz, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
+              *args, *tail)
+
+    return run
+
+
+def _runner(compiled, grid: tuple, tail: tuple):
+    """``fn(stream, args)`` launching ``compiled`` on ``grid`` with the constexpr ``tail`` appended."""
+    grid = grid + (1,) * (3 - len(grid))  # compiled kernels index all three grid dimensions
+    direct = _c_launcher(compiled, grid, tail)
+    if direct is not None:
+        return direct
+    runner = compiled[grid]
+
+    def run(stream, args):
+        runner(*args, *tail, stream=stream)
+
+    return run
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | None = None,
@@ -118,9 +196,9 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
             # entry: [compiled, constexpr tail, grid of the cached runner, runner]
             try:
                 if grid != entry[2]:
-                    entry[3] = _runner(entry[0], grid)
+                    entry[3] = _runner(entry[0], grid, entry[1])
                     entry[2] = grid
-                entry[3](*args, *entry[1], stream=_current_stream(device))
+                entry[3](_current_stream(device), args)
                 return
             except Exception:
                 _disable_direct_launch()
@@ -130,7 +208,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int | N
         if first is not None:
             if len(_COMPILED) >= _MAX_ENTRIES:
                 _COMPILED.clear()
-            _COMPILED[key] = [first[0], first[1], grid, _runner(first[0], grid)]
+            _COMPILED[key] = [first[0], first[1], grid, _runner(first[0], grid, first[1])]
         return
     if num_stages is None:
         kernel[grid](*args, **constexprs, num_warps=num_warps)
@@ -173,10 +251,10 @@ class KernelLaunch:
         self._entries: dict = {}
 
     def __call__(self, args: tuple, key=0) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and _direct_launch_ok:
+        run = self._entries.get(key)
+        if run is not None and _direct_launch_ok:
             try:
-                entry[0](*args, *entry[1], stream=_current_stream(self.device))
+                run(_current_stream(self.device), args)
                 return
             except Exception:
                 _disable_direct_launch()
@@ -185,4 +263,4 @@ class KernelLaunch:
             return
         first = _first_launch(self.kernel, self.grid, args, self.options, self.constexprs)
         if first is not None:
-            self._entries[key] = (_runner(first[0], self.grid), first[1])
+            self._entries[key] = _runner(first[0], self.grid, first[1])

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import current_device, launch
 
 __all__ = [
     "KERNEL_DTYPES",
@@ -273,7 +273,7 @@ def _run(kernel, grid: tuple, args: tuple, config: CrossEntropyConfig, label_smo
          z_loss: float) -> None:
     device = args[0].get_device()
     meta = {"BLOCK_V": config.block_v, "SMOOTHING": label_smoothing != 0.0, "Z_LOSS": z_loss != 0.0}
-    if device >= 0 and device != torch.cuda.current_device():
+    if device >= 0 and device != current_device():
         with torch.cuda.device(device):
             launch(kernel, grid, args, config.num_warps, config.num_stages, **meta)
     else:

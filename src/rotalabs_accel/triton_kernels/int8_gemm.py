@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
-from ._launch import KernelLaunch, launch, on_device
+from ._launch import KernelLaunch, current_device, launch, on_device
 from .int8_config import (
     DotConfig,
     GemvConfig,
@@ -702,7 +702,7 @@ def w8a16_linear(
             b_arg.dtype, stride_xm, stride_wn, stride_sn, stride_sg)
     args = (x, weight, scale, b_arg, out, part, m, n, k, k_per_split, stride_xm, stride_wn, stride_sn,
             stride_sg)
-    if index >= 0 and index != torch.cuda.current_device():
+    if index >= 0 and index != current_device():
         # Triton launches on the current device
         with torch.cuda.device(index):
             _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn)

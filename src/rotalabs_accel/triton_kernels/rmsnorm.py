@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch
+from ._launch import KernelLaunch, current_device
 
 __all__ = [
     "CASTING_CODES",
@@ -909,7 +909,7 @@ def rmsnorm_forward(
     if type(offset) is not float:
         offset = float(offset)
     # Triton launches on the current device: switch only when the tensor lives elsewhere.
-    if device >= 0 and device != torch.cuda.current_device():
+    if device >= 0 and device != current_device():
         with torch.cuda.device(device):
             plan.run(plan, x, weight, residual, y, new_residual, rstd, eps, offset)
     else:
@@ -1079,7 +1079,7 @@ def rmsnorm_backward(
     dx = torch.empty_like(x)
     if type(offset) is not float:
         offset = float(offset)
-    if device >= 0 and device != torch.cuda.current_device():
+    if device >= 0 and device != current_device():
         with torch.cuda.device(device):
             dw = plan.run(plan, dy, x, weight, rstd, dx, dresidual, compute_dw, offset)
     else:

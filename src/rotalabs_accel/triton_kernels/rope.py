@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch, launch
+from ._launch import KernelLaunch, current_device, launch
 
 __all__ = ["RopeConfig", "rope_config", "rope_apply", "rope_forward", "SWEEP_CONFIGS"]
 
@@ -400,7 +400,7 @@ def rope_apply(
             | (k_out.data_ptr() & 15) << 12 | (cos.data_ptr() & 15) << 16 | (sin.data_ptr() & 15) << 20
             | (pos.data_ptr() & 15) << 24 | (offset > 0x7FFFFFFF) << 28
         )
-        if device >= 0 and device != torch.cuda.current_device():
+        if device >= 0 and device != current_device():
             with torch.cuda.device(device):
                 site(args, call_key)
         else:
@@ -408,7 +408,7 @@ def rope_apply(
         return q_out, k_out
     grid, num_warps, meta = _make_plan(n_tokens, heads_q, heads_k, sqh <= sqs, rotary_dim, head_dim, q.dtype,
                                        interleaved, backward, has_positions, inplace, config)
-    if device >= 0 and device != torch.cuda.current_device():
+    if device >= 0 and device != current_device():
         with torch.cuda.device(device):
             launch(_rope_kernel, grid, args, num_warps, **meta)
     else:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch, launch
+from ._launch import KernelLaunch, current_device, launch
 
 __all__ = [
     "SwiGLULaunchConfig",
@@ -327,7 +327,7 @@ def swiglu_forward_rows(
     if n_rows == 0 or n_cols == 0:
         return
     device = gate.get_device()
-    switch = device >= 0 and device != torch.cuda.current_device()
+    switch = device >= 0 and device != current_device()
     if config is None:
         args = (gate, up, out, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col)
         key = (None, args[3:], gate.dtype, up.dtype, out.dtype, device)
@@ -367,7 +367,7 @@ def swiglu_backward_rows(
     if n_rows == 0 or n_cols == 0:
         return
     device = gate.get_device()
-    switch = device >= 0 and device != torch.cuda.current_device()
+    switch = device >= 0 and device != current_device()
     if config is None:
         args = (grad_out, gate, up, grad_gate, grad_up, h_out, n_rows, n_cols, stride_grad_out, stride_gate,
                 stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col)
