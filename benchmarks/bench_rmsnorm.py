@@ -408,17 +408,31 @@ def _table_line(direction, m, n, cfg, sms, elt=2) -> str:
     return f"{name} = {_cfg_literal(cfg)}"
 
 
-def run_sweep(out_dir, quick: bool):
+def _parse_cases(text: str):
+    """``"fwd:1024x262144,bwd:16384x4096,fwd+add:16384x4096"`` -> sweep cases."""
+    cases = []
+    for item in text.split(","):
+        direction, shape = item.strip().split(":")
+        m, n = (int(v) for v in shape.split("x"))
+        fused = direction.endswith("+add")
+        cases.append((direction.removesuffix("+add"), (m, n), fused))
+    return cases
+
+
+def run_sweep(out_dir, quick: bool, only_cases: str | None = None, strategies: str | None = None):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy, _ = copy_ceiling_gbps()
     cases = [("fwd", s, False) for s in FWD_SHAPES] + [("fwd", s, True) for s in FUSED_SHAPES]
     cases += [("bwd", s, False) for s in FWDBWD_SHAPES] + [("bwd", s, True) for s in FUSED_SHAPES]
+    if only_cases:
+        cases = _parse_cases(only_cases)
     if quick:
         cases = cases[:1]
+    keep = None if not strategies else set(strategies.split(","))
     rows: list[Row] = []
     summary, paste = [], []
     for direction, (m, n), fused in cases:
-        result = _sweep_case(rows, direction, m, n, fused, sms, copy)
+        result = _sweep_case(rows, direction, m, n, fused, sms, copy, keep)
         if result:
             line, best_cfg, gain = result
             summary.append(line)
@@ -438,7 +452,7 @@ def run_sweep(out_dir, quick: bool):
     print(f"\nwrote {path}")
 
 
-def _sweep_case(rows, direction, m, n, fused, sms, copy):
+def _sweep_case(rows, direction, m, n, fused, sms, copy, keep=None):
     from rotalabs_accel.triton_kernels import rmsnorm as k
 
     x = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
@@ -451,6 +465,8 @@ def _sweep_case(rows, direction, m, n, fused, sms, copy):
     op = f"sweep_{'add_' if fused else ''}{direction}"
     results = []
     for i, cfg in enumerate(k.candidate_configs(direction, m, n, x.element_size(), sms)):
+        if keep is not None and i > 0 and cfg.strategy not in keep:
+            continue  # the heuristic's pick (first) is always timed, as the baseline
         if direction == "fwd":
             def fn(cfg=cfg):
                 return k.rmsnorm_forward(x, w, EPS, 0.0, "llama", residual=other, config=cfg)
@@ -486,13 +502,17 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--quick", action="store_true", help="a few rows with short timings")
     parser.add_argument("--sweep", action="store_true", help="time launch configurations of our kernels")
+    parser.add_argument("--sweep-cases", default=None,
+                        help="sweep only these cases, e.g. 'fwd:1024x262144,bwd:4096x4096,fwd+add:4096x4096'")
+    parser.add_argument("--sweep-strategies", default=None,
+                        help="sweep only these strategies, comma-separated (plus the heuristic's pick)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_rmsnorm: needs a CUDA GPU", file=sys.stderr)
         return 2
     rotalabs_accel.set_backend("auto")
     if args.sweep:
-        run_sweep(args.out, args.quick)
+        run_sweep(args.out, args.quick, args.sweep_cases, args.sweep_strategies)
         return 0
     b = Bench(args.quick)
     b.copy, _ = copy_ceiling_gbps()

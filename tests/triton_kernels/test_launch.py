@@ -247,3 +247,21 @@ def test_c_launch_convention_is_checked_once_per_process(monkeypatch):
     monkeypatch.setattr(launch_module, "_check_c_launch_convention", lambda: False)
     assert launch_module._c_launcher(_CompiledWithLauncher(), (1, 1, 1), ()) is None
     assert launch_module._c_launch_ok is False
+
+
+def test_empty_hook_chains_count_as_no_hooks(monkeypatch):
+    # Triton 3.6 keeps launch hooks as (possibly empty) chains rather than None.
+    knobs = pytest.importorskip("triton.knobs")
+
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    runtime = knobs.runtime
+    monkeypatch.setattr(runtime, "launch_enter_hook", Chain([]), raising=False)
+    monkeypatch.setattr(runtime, "launch_exit_hook", None, raising=False)
+    assert not launch_module._launch_hooks_installed()
+    monkeypatch.setattr(runtime, "launch_exit_hook", Chain([print]), raising=False)
+    assert launch_module._launch_hooks_installed()
+    monkeypatch.setattr(runtime, "launch_exit_hook", print, raising=False)
+    assert launch_module._launch_hooks_installed()

@@ -129,10 +129,16 @@ def _check_c_launch_convention() -> bool:
 
 
 def _launch_hooks_installed() -> bool:
+    """Whether a launch hook (a profiler's, say) is set. Triton 3.6 keeps each hook as a chain object
+    that is never None; its runner builds launch metadata for the chain on every launch even when the
+    chain is empty, which the direct entry skips."""
     from triton import knobs
 
     runtime = knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", None) != []:
+            return True
+    return False
 
 
 def _c_launcher(compiled, grid: tuple, tail: tuple):

@@ -307,8 +307,8 @@ def cross_entropy_forward(
     logits = _check_logits(op, logits)
     n_rows, n_cols = logits.shape
     target = _check_target(op, target, n_rows)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    loss = logits.new_empty((n_rows,), dtype=torch.float32)
+    lse = logits.new_empty((n_rows,), dtype=torch.float32)
     if n_rows == 0:
         return loss, lse
     config = config or forward_config(n_cols)
@@ -351,7 +351,7 @@ def cross_entropy_backward(
         )
     if lse.dtype != torch.float32:
         raise TypeError(f"{op}: lse must be float32 (from cross_entropy_forward), got {lse.dtype}")
-    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    grad = logits.new_empty((n_rows, n_cols))
     if n_rows == 0:
         return grad
     if n_rows > 1 and lse.stride(0) != 1:

@@ -689,8 +689,9 @@ def w8a16_linear(
         plan = _remember(key, _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config,
                                           index))
     site, k_per_split, split, reduce = plan
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    part = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else out
+    # new_empty: the cheapest allocation call here (torch.empty(..., device=) parses the device each time)
+    out = x.new_empty((m, n))
+    part = x.new_empty((split, m, n), dtype=torch.float32) if split > 1 else out
     if scale.dim() == 2:
         stride_sn, stride_sg = scale.stride()
     else:
@@ -737,7 +738,7 @@ def w8a16_gemv_group(
     m, k = x.shape
     ns = [w.shape[0] for w in weights]
     total = sum(ns)
-    out = torch.empty((m, total), device=x.device, dtype=x.dtype)
+    out = x.new_empty((m, total))
     if m == 0 or total == 0:
         return out
     if k == 0:
@@ -776,8 +777,8 @@ def quantize_rows(x: torch.Tensor, config: QuantConfig | None = None) -> tuple[t
     Bit-identical to ``reference.int8.quantize_symmetric_reference(x, dim=-1)``.
     """
     m, k = x.shape
-    q = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    s = torch.empty((m,), device=x.device, dtype=torch.float32)
+    q = x.new_empty((m, k), dtype=torch.int8)
+    s = x.new_empty((m,), dtype=torch.float32)
     if m == 0:
         return q, s
     stride_xm, stride_xk = x.stride()
@@ -861,7 +862,7 @@ def w8a8_gemm(
             cfg.num_stages, device=index, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         ))
-    out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    out = xq.new_empty((m, n), dtype=out_dtype)
     b_arg = bias if bias is not None else scale
     args = (xq, sx, weight, scale, b_arg, out, m, n, k, weight.stride(0), scale.stride(0))
     spec = (xq.data_ptr() & 15, sx.data_ptr() & 15, weight.data_ptr() & 15, scale.data_ptr() & 15,

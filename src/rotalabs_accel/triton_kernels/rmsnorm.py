@@ -972,9 +972,9 @@ def _backward_plan(key: tuple, dy, x, weight, dresidual, compute_dw, config) -> 
     return plan
 
 
-def _reduce_dw(plan, part, programs, n, w_dtype):
+def _reduce_dw(plan, part, programs, n, w):
     """dW from the fp32 partials, allocated here: the main kernel is already on its way."""
-    dw = torch.empty((n,), dtype=w_dtype, device=part.device)
+    dw = torch.empty_like(w)  # w is 1-D and contiguous; empty_like is the cheapest allocation call
     plan.sites[-1]((part, dw, programs, n), part.data_ptr() & 15 | (dw.data_ptr() & 15) << 4)
     return dw
 
@@ -984,9 +984,9 @@ def _backward_tile(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
     part = dw = None
     if compute_dw:
         if direct:
-            dw = torch.empty((n,), dtype=w.dtype, device=dx.device)
+            dw = torch.empty_like(w)
         else:
-            part = torch.empty((programs, n), dtype=torch.float32, device=dx.device)
+            part = dx.new_empty((programs, n), dtype=torch.float32)
     key = (dy.data_ptr() & 15 | (x.data_ptr() & 15) << 4 | (rstd.data_ptr() & 15) << 8
            | (dx.data_ptr() & 15) << 12)
     if w is not None:
@@ -997,27 +997,27 @@ def _backward_tile(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
         key |= _ptr_bits(dw) << 24 | _ptr_bits(part) << 28
     plan.sites[0]((dy, stride_dy, x, stride_x, w, rstd, dx, n, ds, stride_ds, part, dw, m, n, offset), key)
     if part is not None:
-        dw = _reduce_dw(plan, part, programs, n, w.dtype)
+        dw = _reduce_dw(plan, part, programs, n, w)
     return dw
 
 
 def _backward_split(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
     m, n, stride_dy, stride_x, stride_ds, groups, direct, split_n, num_splits, rows_per_group = plan.sizes
     dot, apply = plan.sites[:2]
-    part = torch.empty((m, num_splits), dtype=torch.float32, device=dx.device)
+    part = dx.new_empty((m, num_splits), dtype=torch.float32)
     key = (_ptr_bits(dy), _ptr_bits(x), _ptr_bits(w), _ptr_bits(rstd), _ptr_bits(part))
     dot((dy, stride_dy, x, stride_x, w, rstd, part, m, n, offset, split_n, num_splits), key)
     dw_part = dw = None
     if compute_dw:
         if direct:
-            dw = torch.empty((n,), dtype=w.dtype, device=dx.device)
+            dw = torch.empty_like(w)
         else:
-            dw_part = torch.empty((groups, n), dtype=torch.float32, device=dx.device)
+            dw_part = dx.new_empty((groups, n), dtype=torch.float32)
     key = (key, _ptr_bits(dx), _ptr_bits(ds), _ptr_bits(dw_part), _ptr_bits(dw))
     apply((dy, stride_dy, x, stride_x, w, rstd, part, dx, n, ds, stride_ds, dw_part, dw, m, n, offset,
            rows_per_group, num_splits), key)
     if dw_part is not None:
-        dw = _reduce_dw(plan, dw_part, groups, n, w.dtype)
+        dw = _reduce_dw(plan, dw_part, groups, n, w)
     return dw
 
 
