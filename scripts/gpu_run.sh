@@ -62,5 +62,7 @@ for step in $steps; do
       cat "$OUT/results/cli_info.txt"; tail -n 60 "$OUT/results/cli_bench.txt";;
   esac
 done
-tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
+# one archive per invocation, so a second call in the same command does not overwrite the first's results
+archive="$OUT/results.tgz"; [ -e "$archive" ] && archive="$OUT/results-$(date -u +%H%M%S).tgz"
+tar -C "$OUT" -czf "$archive" results && rm -rf "$OUT/results"
 exit $status

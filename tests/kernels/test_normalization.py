@@ -407,6 +407,11 @@ def test_heuristic_tables_and_candidates(monkeypatch):
     assert (large.block_m, large.num_warps, large.programs_per_sm, large.prefetch) == (1, 8, 2, True)
     assert k.forward_config(1, 3000, 2, 132).block_m == 1  # never more rows per tile than there are
     assert k.forward_config(4096, 65536, 2, 132) == k.FWD_WIDE
+    # Rows too wide for one per SM to stay in L2 take the lookback forward; narrower ones stay chunked.
+    assert k.forward_config(1024, 262144, 2, 132) == k.FWD_VERY_WIDE
+    assert k.forward_config(1024, 131072, 4, 132) == k.FWD_VERY_WIDE
+    assert k.forward_config(1024, 65536, 4, 132) == k.FWD_WIDE
+    assert k.forward_config(64, 262144, 2, 132) == k.FWD_WIDE_FEW_ROWS
     assert k.forward_config(64, 65536, 2, 132) == k.FWD_WIDE_FEW_ROWS
     # The sweep's candidates: the heuristic first, no duplicates, and every kernel variant present.
     for direction, shape in (("fwd", (4096, 4096)), ("fwd", (1024, 262144)), ("bwd", (4096, 8192))):
@@ -762,3 +767,28 @@ def test_gpu_direct_launch_respects_alignment_and_sizes():
     assert launch.direct_launch_enabled()
     entries = [len(site._entries) for plan in k._FWD_PLANS.values() for site in plan.sites]
     assert max(entries) >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("residual", [False, True])
+def test_gpu_very_wide_rows_take_the_lookback_forward(residual):
+    # The default heuristic's lookback path, end to end through the public functions, with autograd.
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dtype = torch.bfloat16
+    n = 2 * k.LOOKBACK_MIN_BYTES_IN_FLIGHT // (2 * sms) + 1000  # odd width, past the threshold
+    m = sms + 3
+    assert k.forward_config(m, n, 2, sms) == k.FWD_VERY_WIDE
+    x = randn(m, n, dtype=dtype, device="cuda")
+    r = randn(m, n, dtype=dtype, device="cuda") if residual else None
+    w = _weight(n, dtype, 0.0, "cuda").detach()
+    s = x + r if residual else x
+    expected = rmsnorm_reference(s.double(), w.double(), EPS)
+    base = rmsnorm_reference(s, w, EPS)
+    if residual:
+        y, s_out = rmsnorm_residual_fused(x, r, w, EPS)
+        assert torch.equal(s_out, s)
+    else:
+        y = rmsnorm(x, w, EPS)
+    assert_within_torch_error(y, base, expected, dtype, f"very wide {m}x{n}")

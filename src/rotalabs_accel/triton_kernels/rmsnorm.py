@@ -172,6 +172,12 @@ BWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
 
 # Forward above the tile range with at least one row per SM.
 FWD_WIDE = RMSNormConfig("chunked", block_n=8192, num_warps=32, programs_per_sm=1, prefetch=True)
+# Forward of rows so wide that one row per SM no longer fits in L2 (the chunked path's second read
+# would come from HBM): at least one row per SM and rows x SMs above LOOKBACK_MIN_BYTES_IN_FLIGHT.
+# Sweep (H100, bf16): 1024x262144 lookback 2,527 GB/s vs chunked 2,036; 4096x65536 chunked 2,752 vs
+# lookback 2,560 (benchmarks/results/sweeps/rmsnorm-sweep-*).
+FWD_VERY_WIDE = RMSNormConfig("lookback", block_n=4096, num_warps=8, split_n=16384)
+LOOKBACK_MIN_BYTES_IN_FLIGHT = 40 << 20
 # Forward above the tile range with fewer rows than SMs.
 FWD_WIDE_FEW_ROWS = RMSNormConfig("split", block_n=4096, num_warps=8)
 # The whole backward above the tile range.
@@ -216,7 +222,9 @@ def forward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfi
     entry = _table_entry(FWD_TILE_TABLE, m, n, elt_bytes)
     if entry is not None:
         return _tile_config(entry, m, n)
-    return FWD_WIDE if m >= num_sms else FWD_WIDE_FEW_ROWS
+    if m < num_sms:
+        return FWD_WIDE_FEW_ROWS
+    return FWD_VERY_WIDE if n * elt_bytes * num_sms > LOOKBACK_MIN_BYTES_IN_FLIGHT else FWD_WIDE
 
 
 def backward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfig:
