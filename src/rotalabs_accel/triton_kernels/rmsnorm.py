@@ -17,7 +17,7 @@ Strategies (chosen by :func:`forward_config` / :func:`backward_config` from the 
     once (in reverse order, so the most recently read chunks come first while they are still in
     L2) to normalize. The first pass loads with ``evict_last`` and the second with ``evict_first``
     so the row tends to be served from L2 the second time.
-``lookback`` (forward only, large N)
+``lookback`` (forward only, rows too wide for one per SM to stay in L2: the default there)
     Rows are cut into column splits of ``split_n``; every ``(row, split)`` is one work item, taken
     in the order given by a ticket counter (an atomic increment, so the order is the order in which
     programs actually run). Items come in groups of ``group_rows`` rows: the partial sums of squares
@@ -39,7 +39,8 @@ program writes dW directly).
 Host cost: every distinct input signature (shape, strides, dtypes, flags) gets a launch plan the
 first time it is seen, holding the chosen configuration and one
 :class:`~rotalabs_accel.triton_kernels._launch.KernelLaunch` per kernel; a repeated call costs the
-output allocations, a dictionary lookup and Triton's own launcher. The aim: in a training step the
+output allocations, a dictionary lookup and the compiled launcher's C entry (Triton's runner on
+versions whose launcher convention is not verified). The aim: in a training step the
 host reaches the backward launch before the forward kernel ends, so the GPU need not wait for
 Python between the two.
 
