@@ -20,6 +20,11 @@ Bytes counted (the minimum each op must move; the weight is negligible and not c
 * fused forward + backward: forward 4, then read the new residual, dy and the gradient arriving at the
   new residual, write one gradient (it is the gradient of both x and residual) = ``8 * M * N * elt``.
 
+Forward+backward rows are timed twice: as called (``do_bench``: the longer of the GPU time and the
+host's time to issue the step, which at these sizes is comparable and varies between hosts) and as a
+CUDA-graph replay of the same step (rows ``*_graph``: the GPU time alone, what the step costs in a
+training step whose host runs ahead). Peers that cannot be captured are named in the notes.
+
 ``--sweep`` times every candidate launch configuration (``candidate_configs`` in
 ``rotalabs_accel/triton_kernels/rmsnorm.py``) of our kernels at the issue's shapes, prints the fastest
 per shape next to the heuristic's pick, ends with the winning entries written in the format of
@@ -42,7 +47,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The checkout's package, whether or not it is installed.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
 import rotalabs_accel  # noqa: E402
-from common import Row, bench_ms, copy_ceiling_gbps, gbps, gpu_slug, try_liger, write_results  # noqa: E402
+from common import (  # noqa: E402
+    GRAPH_NOTE,
+    Row,
+    bench_ms,
+    copy_ceiling_gbps,
+    gbps,
+    gpu_slug,
+    graph_replay_ms,
+    try_liger,
+    write_results,
+)
 from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused  # noqa: E402
 
 DEVICE = "cuda"
@@ -92,7 +107,22 @@ class Bench:
     def time(self, fn) -> float:
         return bench_ms(fn, warmup=10, rep=40) if self.quick else bench_ms(fn)
 
-    def add(self, op, impl, shape, fn, nbytes, note=""):
+    def add(self, op, impl, shape, fn, nbytes, note="", graph=False):
+        """Time ``fn`` (a row ``op``); with ``graph`` also its CUDA-graph replay (a row ``op + "_graph"``)."""
+        ms = self._add(op, impl, shape, fn, nbytes, note)
+        if graph and ms is not None:
+            graph_ms = graph_replay_ms(fn, *((10, 40) if self.quick else (50, 200)))
+            if graph_ms is None:
+                self.notes.append(f"{op} {impl} {shape}: the step could not be captured in a CUDA graph")
+            else:
+                rate = gbps(nbytes, graph_ms)
+                self.rows.append(Row(op + "_graph", impl, list(shape), graph_ms, GBps=rate,
+                                     pct_of_ceiling=100 * rate / self.copy, note=GRAPH_NOTE))
+                print(f"{op + '_graph':18s} {impl:12s} {str(shape):16s} {graph_ms:9.4f} ms {rate:8.0f} GB/s",
+                      flush=True)
+        return ms
+
+    def _add(self, op, impl, shape, fn, nbytes, note):
         try:
             fn()
             torch.cuda.synchronize()
@@ -171,10 +201,11 @@ def _forward_backward_rows(b: Bench, m: int, n: int, compiled):
 
         return run
 
-    b.add("rmsnorm_fwdbwd", "ours", (m, n), step(lambda: rmsnorm(x, w, EPS)), nbytes)
+    b.add("rmsnorm_fwdbwd", "ours", (m, n), step(lambda: rmsnorm(x, w, EPS)), nbytes, graph=True)
     b.add("rmsnorm_fwdbwd", "eager_hf", (m, n), step(lambda: eager_hf(x, w)), nbytes)
-    b.add("rmsnorm_fwdbwd", "F.rms_norm", (m, n), step(lambda: F.rms_norm(x, (n,), w, EPS)), nbytes)
-    b.add("rmsnorm_fwdbwd", "compile", (m, n), step(lambda: compiled(x, w)), nbytes)
+    b.add("rmsnorm_fwdbwd", "F.rms_norm", (m, n), step(lambda: F.rms_norm(x, (n,), w, EPS)), nbytes,
+          graph=True)
+    b.add("rmsnorm_fwdbwd", "compile", (m, n), step(lambda: compiled(x, w)), nbytes, graph=True)
     if liger is not None:
         liger.weight.data.copy_(w.detach())
         # Liger's default backward writes dx into dy's buffer: hand it a fresh copy each call.
@@ -186,7 +217,7 @@ def _forward_backward_rows(b: Bench, m: int, n: int, compiled):
             liger(x).backward(dy_liger)
 
         note = "includes a copy of dy (in-place backward)"
-        b.add("rmsnorm_fwdbwd", "liger", (m, n), liger_step, nbytes, note=note)
+        b.add("rmsnorm_fwdbwd", "liger", (m, n), liger_step, nbytes, note=note, graph=True)
 
 
 def run_fused(b: Bench, shapes):
@@ -226,7 +257,7 @@ def _fused_rows(b: Bench, m: int, n: int, compiled):
             y, s = f()
             torch.autograd.backward([y, s], [dy, ds])
 
-        b.add("add_rmsnorm_fwdbwd", impl, (m, n), run, 8 * m * n * elt)
+        b.add("add_rmsnorm_fwdbwd", impl, (m, n), run, 8 * m * n * elt, graph=impl != "eager_hf")
 
 
 def target_notes(rows: list[Row]) -> list[str]:

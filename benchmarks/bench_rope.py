@@ -33,7 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import Row, bench_ms, copy_ceiling_gbps, gbps, gpu_slug, write_results  # noqa: E402
+from common import (  # noqa: E402
+    GRAPH_NOTE,
+    Row,
+    bench_ms,
+    copy_ceiling_gbps,
+    gbps,
+    gpu_slug,
+    graph_replay_ms,
+    write_results,
+)
 from rotalabs_accel import apply_rope, build_rope_cache  # noqa: E402
 
 BATCH, SEQ, HEADS_Q, HEADS_K, HEAD_DIM = 4, 4096, 32, 8, 128
@@ -102,7 +111,8 @@ class Recorder:
         self.rows: list[Row] = []
         self.notes: list[str] = []
 
-    def time(self, op, impl, fn, moved, shape, warmup, rep, note="", layout=""):
+    def time(self, op, impl, fn, moved, shape, warmup, rep, note="", layout="", graph=False):
+        """Time ``fn``; with ``graph`` also its CUDA-graph replay (GPU time alone, op ``op + "_graph"``)."""
         try:
             ms = bench_ms(fn, warmup, rep)
         except Exception as exc:
@@ -110,6 +120,12 @@ class Recorder:
             print(self.notes[-1], flush=True)
             return
         self.add(op, impl, ms, moved, shape, note, layout)
+        if graph:
+            graph_ms = graph_replay_ms(fn, warmup, rep)
+            if graph_ms is None:
+                self.notes.append(f"{op} {layout} {impl}: the step could not be captured in a CUDA graph")
+            else:
+                self.add(op + "_graph", impl, graph_ms, moved, shape, GRAPH_NOTE, layout)
 
     def add(self, op, impl, ms, moved, shape, note="", layout=""):
         rate = gbps(moved, ms)
@@ -198,7 +214,8 @@ def bench_prefill(rec: Recorder, layout: str, liger, compiled_hf, warmup: int, r
         impls["liger"] = liger_step
     for impl, fn in impls.items():
         note = "includes a copy of q and k (it rotates in place)" if impl == "liger" else ""
-        rec.time("rope_fwdbwd", impl, fn, 4 * nbytes, shape, warmup, rep, note=note, layout=layout)
+        rec.time("rope_fwdbwd", impl, fn, 4 * nbytes, shape, warmup, rep, note=note, layout=layout,
+                 graph=impl != "eager_hf")
 
 
 def bench_decode(rec: Recorder, liger, quick: bool, warmup: int, rep: int) -> None:

@@ -40,7 +40,16 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import Row, bench_ms, copy_ceiling_gbps, gbps, gpu_slug, write_results  # noqa: E402
+from common import (  # noqa: E402
+    GRAPH_NOTE,
+    Row,
+    bench_ms,
+    copy_ceiling_gbps,
+    gbps,
+    gpu_slug,
+    graph_replay_ms,
+    write_results,
+)
 from rotalabs_accel import SwiGLU, swiglu_fused  # noqa: E402
 
 ACT_SHAPES = [(16384, 14336), (4096, 11008)]
@@ -123,6 +132,16 @@ def bench_activation(shapes, rows: list[Row], notes: list[str], ceiling: float, 
             rows.append(Row("swiglu_fwdbwd", name, [m, n], ms, gbps(fwdbwd_bytes, ms),
                             pct_of_ceiling=100 * gbps(fwdbwd_bytes, ms) / ceiling, note=note))
             log(f"  fwd+bwd {m}x{n} {name:16s} {ms:8.4f} ms {gbps(fwdbwd_bytes, ms):7.0f} GB/s")
+            if name != "eager":
+                # The same step replayed from a CUDA graph: its GPU time alone, without the host's cost.
+                g_ms = graph_replay_ms(step, warmup=warmup, rep=rep)
+                if g_ms is None:
+                    notes.append(f"swiglu_fwdbwd {name} {m}x{n}: not capturable in a CUDA graph")
+                else:
+                    rate = gbps(fwdbwd_bytes, g_ms)
+                    rows.append(Row("swiglu_fwdbwd_graph", name, [m, n], g_ms, rate,
+                                    pct_of_ceiling=100 * rate / ceiling, note=GRAPH_NOTE))
+                    log(f"  fwd+bwd {m}x{n} {name:16s} {g_ms:8.4f} ms {rate:7.0f} GB/s (CUDA-graph replay)")
             del leaves
         del gate, up, gate_up, grad, expected
         torch.cuda.empty_cache()

@@ -64,6 +64,40 @@ def bench_ms(fn: Callable[[], object], warmup: int = 50, rep: int = 200) -> floa
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_replay_ms(fn: Callable[[], object], warmup: int = 50, rep: int = 200) -> float | None:
+    """Median milliseconds of replaying ``fn``'s GPU work captured in a CUDA graph, or ``None`` when
+    ``fn`` cannot be captured.
+
+    A call timed with :func:`bench_ms` is the longer of its GPU time and the host time to issue it;
+    for forward+backward steps of a few hundred microseconds the host side (Python, autograd, the
+    launches) is comparable and varies between machines and runs. A graph replay issues the same
+    kernels without any of that, so its time is the GPU's alone: what the step costs inside a
+    training step whose host runs ahead. ``fn`` runs a few times on a side stream first (as capture
+    requires) and once under capture; tensors it allocates come from the graph's private pool.
+    """
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        ms = bench_ms(graph.replay, warmup=warmup, rep=rep)
+        del graph
+        return ms
+    except Exception as exc:  # a step that cannot be captured is reported, not a crash
+        print(f"graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
+        torch.cuda.synchronize()
+        return None
+
+
+GRAPH_NOTE = "CUDA-graph replay of the same step: GPU time alone, no host cost"
+
+
 def copy_ceiling_gbps(nbytes: int = 2 * 1024**3) -> tuple[float, float]:
     """Device-to-device copy rate (bytes read + written per second, in GB/s) and its time in ms."""
     n = nbytes // 2
