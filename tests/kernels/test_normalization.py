@@ -792,3 +792,34 @@ def test_gpu_very_wide_rows_take_the_lookback_forward(residual):
     else:
         y = rmsnorm(x, w, EPS)
     assert_within_torch_error(y, base, expected, dtype, f"very wide {m}x{n}")
+
+
+def test_common_call_check_accepts_only_what_validation_accepts():
+    # The functional layer skips its full validation for calls the quick check accepts: every such call
+    # must be one the validation passes with a kernel dtype, and the quick check must accept the plain one.
+    from rotalabs_accel.functional import normalization as fn
+
+    bf = torch.bfloat16
+    x = torch.randn(3, 8, dtype=bf)
+    cases = [
+        (x, torch.randn(8, dtype=bf), 0.0, "llama"),
+        (x, torch.nn.Parameter(torch.randn(8)), 1.0, "gemma"),
+        (x, None, 0.0, "none"),
+        (x, None, 1.0, "llama"),  # offset without a weight
+        (x, torch.randn(7, dtype=bf), 0.0, "llama"),  # wrong width
+        (x, torch.randn(1, 8, dtype=bf), 0.0, "llama"),  # 2-D weight
+        (x, torch.randn(8, dtype=bf, device="meta"), 0.0, "llama"),  # another device
+        (x, torch.randn(8, dtype=torch.float64), 0.0, "llama"),  # no kernel dtype
+        (x.double(), torch.randn(8, dtype=bf), 0.0, "llama"),
+        (torch.tensor(1.0, dtype=bf), None, 0.0, "llama"),  # 0-d
+        (x, torch.randn(8, dtype=bf), 0.0, "nope"),  # unknown casting mode
+        (x.to(torch.int32), None, 0.0, "llama"),
+        (x.view(3, 8, 1)[..., 0], None, 0.0, "llama"),  # a view is a plain tensor too
+    ]
+    accepted = []
+    for x_, w_, offset, mode in cases:
+        if fn._common_call(x_, w_, offset, mode):
+            accepted.append((x_.dtype, mode))
+            fn._validate("rmsnorm", x_, w_, None, offset, mode)  # must not raise
+            assert fn._kernel_reason(x_, w_) is None
+    assert len(accepted) == 4

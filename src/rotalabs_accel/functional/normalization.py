@@ -26,6 +26,33 @@ def _check_tensor(op: str, name: str, t: object) -> None:
         raise TypeError(f"{op}: {name} must have a floating-point dtype, got {t.dtype}")
 
 
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+
+
+def _common_call(x, weight, offset: float, casting_mode: str) -> bool:
+    """Whether ``rmsnorm``'s arguments are of the common, valid kind that needs no further checks: a
+    plain tensor of a kernel dtype with at least one dimension, no weight (and no offset) or a 1-D
+    weight of a kernel dtype matching the last dimension on the same device, a known casting mode.
+    A handful of attribute reads; everything it declines goes through :func:`_validate`."""
+    if type(x) is not _Tensor or x.dtype not in _KERNEL_DTYPES or casting_mode not in CASTING_MODES:
+        return False
+    shape = x.shape
+    if not shape:
+        return False
+    if weight is None:
+        return offset == 0.0
+    kind = type(weight)
+    if (kind is not _Parameter and kind is not _Tensor) or weight.dtype not in _KERNEL_DTYPES:
+        return False
+    w_shape = weight.shape
+    if len(w_shape) != 1 or w_shape[0] != shape[-1]:
+        return False
+    # get_device is -1 for both CPU and meta tensors: is_cuda / is_cpu tell those apart
+    return (weight.get_device() == x.get_device() and weight.is_cuda == x.is_cuda
+            and weight.is_cpu == x.is_cpu)
+
+
 def _validate(
     op: str,
     x: torch.Tensor,
@@ -136,15 +163,16 @@ def rmsnorm(
         >>> y.shape
         torch.Size([2, 16, 64])
     """
-    _validate("rmsnorm", x, weight, None, offset, casting_mode)
-    eps = _resolve_eps(eps, x.dtype)
+    if _common_call(x, weight, offset, casting_mode):
+        reason = None
+    else:
+        _validate("rmsnorm", x, weight, None, offset, casting_mode)
+        reason = _kernel_reason(x, weight)
+    if eps is None or type(eps) is not float:
+        eps = _resolve_eps(eps, x.dtype)
     if type(offset) is not float:
         offset = float(offset)
-    dtype = x.dtype
-    reason = None
-    if dtype not in _KERNEL_DTYPES or (weight is not None and weight.dtype not in _KERNEL_DTYPES):
-        reason = _kernel_reason(x, weight)
-    if select_backend("rmsnorm", x, weight, kernel_reason=reason) == "torch":
+    if select_backend("rmsnorm", x, kernel_reason=reason) == "torch":
         return rmsnorm_reference(x, weight, eps, offset=offset, casting_mode=casting_mode)
     x2 = x if x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1) else _rows(x)
     if torch.compiler.is_compiling():
