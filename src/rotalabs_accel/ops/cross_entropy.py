@@ -18,6 +18,8 @@ first time a kernel is needed.
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._autograd import direct_apply
+
 __all__ = ["cross_entropy_rows", "cross_entropy_rows_compiled"]
 
 _kernels = None
@@ -62,13 +64,16 @@ def _cross_entropy_backward(ctx, grad_loss):
 _cross_entropy_backward_once = once_differentiable(_cross_entropy_backward)
 
 
+_cross_entropy_apply = direct_apply(_CrossEntropyFunction, 0, 1)
+
+
 def cross_entropy_rows(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
 ) -> torch.Tensor:
     """Eager per-row cross-entropy ``(N,)`` fp32 of ``(N, V)`` logits through the Triton kernels."""
     options = (ignore_index, label_smoothing, z_loss)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _CrossEntropyFunction.apply(logits, target, options)
+        return _cross_entropy_apply(logits, target, options)
     return _kernel_module().cross_entropy_forward(logits, target, *options)[0]
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._autograd import direct_apply
+
 __all__ = ["embedding_rows", "embedding_rows_compiled"]
 
 _kernels = None
@@ -68,10 +70,13 @@ def _embedding_backward(ctx, grad):
 _embedding_backward_once = once_differentiable(_embedding_backward)
 
 
+_embedding_apply = direct_apply(_EmbeddingFunction, 0, 1)
+
+
 def embedding_rows(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int) -> torch.Tensor:
     """Eager lookup ``weight[ids]`` whose table gradient runs the Triton kernel."""
     if torch.is_grad_enabled() and weight.requires_grad:
-        return _EmbeddingFunction.apply(ids, weight, padding_idx)
+        return _embedding_apply(ids, weight, padding_idx)
     return F.embedding(ids, weight, None if padding_idx < 0 else padding_idx)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..reference.rmsnorm import rmsnorm_output_dtype
+from ._autograd import direct_apply
 
 __all__ = ["rmsnorm_rows", "add_rmsnorm_rows", "rmsnorm_rows_compiled", "add_rmsnorm_rows_compiled"]
 
@@ -125,6 +126,9 @@ def _add_rmsnorm_backward_eager(ctx, dy, dnew_residual):
 
 _add_rmsnorm_backward_once = once_differentiable(_add_rmsnorm_backward_eager)
 
+_rmsnorm_apply = direct_apply(_RMSNormFunction, 0, 1)
+_add_rmsnorm_apply = direct_apply(_AddRMSNormFunction, 0, 1, 2)
+
 
 def _add_rmsnorm_backward(dy, dnew_residual, new_residual, weight, rstd, offset, casting_mode, compute_dw):
     if dy is None:
@@ -147,7 +151,7 @@ def rmsnorm_rows(
     else:
         out_dtype = torch.promote_types(x_dtype, weight.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
-        return _RMSNormFunction.apply(x, weight, (eps, offset, casting_mode, out_dtype))
+        return _rmsnorm_apply(x, weight, (eps, offset, casting_mode, out_dtype))
     return _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, out_dtype=out_dtype, store_rstd=False
     )[0]
@@ -164,7 +168,7 @@ def add_rmsnorm_rows(
     """Eager fused ``x + residual`` then RMSNorm of 2-D tensors; returns ``(normed, new_residual)``."""
     out_dtype = _out_dtype(torch.promote_types(x.dtype, residual.dtype), weight, casting_mode)
     if _needs_grad(x, weight, residual):
-        return _AddRMSNormFunction.apply(x, residual, weight, (eps, offset, casting_mode, out_dtype))
+        return _add_rmsnorm_apply(x, residual, weight, (eps, offset, casting_mode, out_dtype))
     y, new_residual, _ = _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, residual=residual, out_dtype=out_dtype, store_rstd=False
     )

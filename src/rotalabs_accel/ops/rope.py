@@ -26,6 +26,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._autograd import direct_apply
+
 __all__ = ["rope_eager", "rope_fwd", "rope_bwd", "rope_inplace_"]
 
 _kernels: ModuleType | None = None
@@ -75,6 +77,9 @@ class _RopeFunction(torch.autograd.Function):
         return dq_in, dk_in, None, None, None, None, None, None, None
 
 
+_rope_apply = direct_apply(_RopeFunction, 0, 1, 2, 3, 4)
+
+
 def rope_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,7 +101,7 @@ def rope_eager(
     views), so this returns new tensors then.
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RopeFunction.apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major)
+        return _rope_apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major)
     kernels = _kernels if _kernels is not None else _kernel_module()
     return kernels.rope_apply(
         q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major, False, inplace

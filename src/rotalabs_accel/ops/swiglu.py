@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..reference.swiglu import swiglu_backward_reference, swiglu_reference
+from ._autograd import direct_apply
 
 __all__ = [
     "swiglu_eager",
@@ -118,14 +119,14 @@ def swiglu_eager(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     bookkeeping; otherwise :class:`SwiGLUFunction`.
     """
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return SwiGLUFunction.apply(gate, up)
+        return _swiglu_apply(gate, up)
     return _forward(gate, up)[0]
 
 
 def swiglu_packed_eager(gate_up: torch.Tensor) -> torch.Tensor:
     """Eager entry for one ``[..., 2N]`` tensor ``[gate | up]`` (validated, non-empty, kernel dtype)."""
     if torch.is_grad_enabled() and gate_up.requires_grad:
-        return SwiGLUPackedFunction.apply(gate_up)
+        return _swiglu_packed_apply(gate_up)
     return _packed_forward(gate_up)[0]
 
 
@@ -320,6 +321,10 @@ def _activation_backward_in_place(
     up.copy_(grad_up)
     if store_h:
         grad_h.copy_(h)
+
+
+_swiglu_apply = direct_apply(SwiGLUFunction, 0, 1)
+_swiglu_packed_apply = direct_apply(SwiGLUPackedFunction, 0)
 
 
 class SwiGLUFFNFunction(torch.autograd.Function):
