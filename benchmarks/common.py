@@ -91,7 +91,10 @@ def graph_replay_ms(fn: Callable[[], object], warmup: int = 50, rep: int = 200) 
         return ms
     except Exception as exc:  # a step that cannot be captured is reported, not a crash
         print(f"graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
-        torch.cuda.synchronize()
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass  # the failed capture's own stream may still refuse; the benchmark's stream does not
         return None
 
 
