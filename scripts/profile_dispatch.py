@@ -2,6 +2,13 @@
 
 Prints wall-clock microseconds per call and the top functions by cumulative time under cProfile, so
 Python overhead between the call and the kernel launch can be found and removed.
+
+Modes: (none) the launch-bound calls above; ``--host`` host enqueue time vs GPU time of forward+backward
+steps (``--host --after-compile`` again after a torch.compile function has run in the process);
+``--bwdthread`` a step's host time cut at the op's backward on the autograd thread; ``--kernels``
+per-kernel GPU times of a step; ``--fwdbwd`` the pieces of one step; ``--launch`` the host cost of one
+launch through each door (Triton's JIT path, its runner, our launch site, the launcher's C entry) and
+of the allocation calls.
 """
 
 from __future__ import annotations
