@@ -87,3 +87,27 @@ def kernel_devices() -> list:
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, generator=None) -> torch.Tensor:
     """Fresh random normal data (never zeros), generated in fp32 then cast."""
     return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+
+# A tiny decoder configuration (Hugging Face config keyword arguments) the model-integration tests share.
+TINY_DECODER_VOCAB = 96
+
+
+def tiny_decoder_config(**overrides) -> dict:
+    """Keyword arguments of a 2-layer, hidden-64, GQA decoder config; ``overrides`` replace any of them."""
+    config = dict(
+        vocab_size=TINY_DECODER_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    config.update(overrides)
+    return config

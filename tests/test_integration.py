@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_within_torch_error, kernel_devices
+from helpers import TINY_DECODER_VOCAB, assert_within_torch_error, kernel_devices, tiny_decoder_config
 from rotalabs_accel import SwiGLU, TritonEmbedding, TritonRMSNorm, optimize_model, use_backend
 from rotalabs_accel.integration import (
     FusedGateUpSwiGLU,
@@ -36,7 +36,7 @@ from rotalabs_accel.integration import (
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
-VOCAB = 96
+VOCAB = TINY_DECODER_VOCAB
 
 
 @pytest.fixture(autouse=True)
@@ -47,21 +47,7 @@ def _restore_rope():
 
 
 def _config(family: str, **overrides):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="eager",
-    )
-    common.update(overrides)
+    common = tiny_decoder_config(**overrides)
     if family == "llama":
         return transformers.LlamaConfig(**common)
     if family == "mistral":

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_within_torch_error, kernel_devices
+from helpers import TINY_DECODER_VOCAB, assert_within_torch_error, kernel_devices, tiny_decoder_config
 from rotalabs_accel import optimize_model, use_backend
 from rotalabs_accel.functional.loss import causal_lm_loss
 from rotalabs_accel.integration import revert_patches
@@ -23,7 +23,7 @@ from rotalabs_accel.integration import revert_patches
 transformers = pytest.importorskip("transformers")
 loss_utils = pytest.importorskip("transformers.loss.loss_utils")
 
-VOCAB = 96
+VOCAB = TINY_DECODER_VOCAB
 
 
 @pytest.fixture(autouse=True)
@@ -34,22 +34,7 @@ def _restore_rope():
 
 
 def _config(**overrides):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="eager",
-    )
-    common.update(overrides)
-    return transformers.LlamaConfig(**common)
+    return transformers.LlamaConfig(**tiny_decoder_config(**overrides))
 
 
 def _llama(cls=None, **overrides) -> nn.Module:

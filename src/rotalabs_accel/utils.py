@@ -44,20 +44,18 @@ if not isinstance(_ENV_DATA, dict):
     _ENV_DATA = None
 
 
+_ENV_KEYS: dict[str, Any] = {}  # name -> its key in _ENV_DATA, encoded once
+
+
 def environ_get(name: str) -> str | None:
     """``os.environ.get(name)``, cheaper: the dispatch calls it on every op call."""
     if _ENV_DATA is None:
         return os.environ.get(name)
-    value = _ENV_DATA.get(_ENV_KEYS.get(name) or _env_key(name))
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    value = _ENV_DATA.get(key)
     return None if value is None else os.environ.decodevalue(value)
-
-
-_ENV_KEYS: dict[str, Any] = {}
-
-
-def _env_key(name: str):
-    key = _ENV_KEYS[name] = os.environ.encodekey(name)
-    return key
 
 
 def _triton_importable() -> bool:

@@ -51,7 +51,9 @@ def _needs_grad(
 
 
 def _out_dtype(x_dtype: torch.dtype, weight: Optional[torch.Tensor], casting_mode: str) -> torch.dtype:
-    return rmsnorm_output_dtype(x_dtype, None if weight is None else weight.dtype, casting_mode)
+    if weight is None or weight.dtype == x_dtype:
+        return x_dtype  # every casting mode agrees here; the common case skips the rule's call
+    return rmsnorm_output_dtype(x_dtype, weight.dtype, casting_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,12 +147,8 @@ def rmsnorm_rows(
     x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, casting_mode: str
 ) -> torch.Tensor:
     """Eager RMSNorm of a 2-D ``(M, N)`` tensor through the Triton kernels (differentiable)."""
-    x_dtype = x.dtype
-    if weight is None or casting_mode == "gemma" or weight.dtype == x_dtype:
-        out_dtype = x_dtype
-    else:
-        out_dtype = torch.promote_types(x_dtype, weight.dtype)
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+    out_dtype = _out_dtype(x.dtype, weight, casting_mode)
+    if _needs_grad(x, weight):
         return _rmsnorm_apply(x, weight, (eps, offset, casting_mode, out_dtype))
     return _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, out_dtype=out_dtype, store_rstd=False
