@@ -415,6 +415,9 @@ def _candidates(variant: str, m: int, best: list | None = None):
             # (benchmarks/results/sweeps/int8_linear-sweep-m16-*); kept so a new GPU or Triton re-checks it
             tiles = [(16, bn, bk, 4, st, True) for bn, bk in pairs for st in (1, 2, 3, 4, 5)]
             tiles += [(16, bn, bk, 4, st, False) for bn, bk in pairs for st in (1, 3, 4)]
+            # narrow weight tiles (twice the programs: fuller last wave), deeper K steps, fewer warps
+            tiles += [(16, bn, bk, w, st, sw) for bn, bk in ((16, 256), (16, 512), (32, 512))
+                      for w in (2, 4) for st in (3, 4, 6) for sw in (True, False)]
             if variant == "splitk":  # the split multiplies the list: keep the likely tiles
                 tiles = [t for t in tiles if t[1] in (64, 128) and t[4] in (3, 4)]
         elif m <= 256:

@@ -368,19 +368,21 @@ def run_sweep(args) -> None:
     cos, sin = build_rope_cache(SEQ, HEAD_DIM, device=DEVICE)
     rows: list[Row] = []
     cases = []
-    for layout in ("bshd", "bhsd"):
+    for layout in args.sweep_layouts:
+        if layout == "decode":
+            continue
         q, k = make_inputs(BATCH, SEQ, layout)
         qv, kv = (q, k) if layout == "bshd" else (q.transpose(1, 2), k.transpose(1, 2))
         nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
         # (the backward pass is this kernel with sin negated: the same configuration wins)
         candidates = kernels.SWEEP_TOKEN_MAJOR if layout == "bshd" else kernels.SWEEP_HEAD_MAJOR
         cases.append((f"fwd_{layout}", candidates, qv, kv, cos, sin, None, False, nbytes))
-    dcos, dsin = build_rope_cache(DECODE_CACHE, HEAD_DIM, device=DEVICE)
-    qd, kd = make_inputs(DECODE_BATCH, 1, "bshd")
-    pos = torch.randint(0, DECODE_CACHE, (DECODE_BATCH, 1), device=DEVICE)
-    cases.append(
-        ("decode", kernels.SWEEP_DECODE, qd, kd, dcos, dsin, pos, False, 2 * (qd.numel() + kd.numel()) * 2)
-    )
+    if "decode" in args.sweep_layouts:
+        dcos, dsin = build_rope_cache(DECODE_CACHE, HEAD_DIM, device=DEVICE)
+        qd, kd = make_inputs(DECODE_BATCH, 1, "bshd")
+        pos = torch.randint(0, DECODE_CACHE, (DECODE_BATCH, 1), device=DEVICE)
+        nbytes = 2 * (qd.numel() + kd.numel()) * qd.element_size()
+        cases.append(("decode", kernels.SWEEP_DECODE, qd, kd, dcos, dsin, pos, False, nbytes))
 
     summary = []
     for case in cases:
@@ -411,6 +413,8 @@ def main() -> None:
         "--sweep", action="store_true", help="after the comparison, time launch configurations of our kernel"
     )
     parser.add_argument("--sweep-only", action="store_true", help="time launch configurations only")
+    parser.add_argument("--sweep-layouts", nargs="+", choices=("bshd", "bhsd", "decode"),
+                        default=["bshd", "bhsd", "decode"], help="problems the sweep times (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_rope.py needs a CUDA device")

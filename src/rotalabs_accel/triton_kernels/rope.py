@@ -205,7 +205,7 @@ _TABLE: tuple[tuple[int, bool | None, RopeConfig], ...] = (
 # of few heads (a head's tokens are adjacent); decode (64 tokens) also splits heads over programs.
 SWEEP_TOKEN_MAJOR: tuple[RopeConfig, ...] = tuple(
     RopeConfig(bt, bh, hpp, nw)
-    for bt, bh in ((1, 8), (1, 16), (1, 32), (2, 8), (2, 16), (4, 8))
+    for bt, bh in ((1, 8), (1, 16), (1, 32), (2, 8), (2, 16), (4, 8), (4, 16), (8, 8), (2, 32), (4, 32))
     for hpp in (0, 8)
     for nw in (0, 4, 8)
     if hpp == 0 or hpp % bh == 0
@@ -214,6 +214,12 @@ SWEEP_HEAD_MAJOR: tuple[RopeConfig, ...] = tuple(
     RopeConfig(bt, bh, hpp, nw)
     for bt, bh in ((8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (64, 1))
     for hpp in (4, 8, 0)
+    for nw in (0, 4, 8)
+) + tuple(
+    # one tile per program (no head loop), and tiles spanning several heads at once
+    RopeConfig(bt, bh, hpp, nw)
+    for bt, bh, hpp in ((16, 1, 1), (32, 1, 1), (64, 1, 1), (16, 2, 2), (32, 2, 2), (8, 4, 4), (16, 4, 4),
+                        (8, 8, 8), (16, 8, 8), (4, 8, 8), (8, 4, 8), (16, 4, 8))
     for nw in (0, 4, 8)
 )
 SWEEP_DECODE: tuple[RopeConfig, ...] = tuple(
