@@ -218,14 +218,17 @@ def test_kernel_out_of_range_position_gives_nan_not_garbage(kernel_device):
 def test_every_table_config_is_correct(kernel_device):
     from rotalabs_accel.triton_kernels import rope as kernels
 
-    q, k = make_qk(2, 3, 3, 2, 8, torch.float32, kernel_device, "bshd", fused=True)
     cos, sin = build_rope_cache(8, 8, device=kernel_device)
-    want = ref.apply_rope(q, k, cos, sin, offset=2)
     configs = {entry[2] for entry in kernels._TABLE} | {kernels.RopeConfig(16, 1, 0, 1)}
-    for config in sorted(configs, key=repr):
-        got = kernels.rope_forward(q, k, cos, sin, None, 2, False, 8, config=config)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6, msg=str(config))
-        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6, msg=str(config))
+    # both storage orders, fused-qkv strides: each table entry on the layout it is chosen for and the other
+    for layout in ("bshd", "bhsd"):
+        q, k = make_qk(2, 3, 3, 2, 8, torch.float32, kernel_device, layout, fused=True)
+        want = ref.apply_rope(q, k, cos, sin, offset=2, layout=layout)
+        for config in sorted(configs, key=repr):
+            got = kernels.rope_apply(q, k, cos, sin, None, 2, False, 8, head_major=layout == "bhsd",
+                                     config=config)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6, msg=f"{layout} {config}")
+            torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6, msg=f"{layout} {config}")
     assert kernels.rope_config(64, 40, True) in configs
     assert all(c.heads_per_program % c.block_h == 0 for c in kernels.SWEEP_CONFIGS)
 

@@ -178,14 +178,16 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     # Measured on an H100 80GB HBM3 (torch 2.11, Triton 3.6) by `benchmarks/bench_int8_linear.py --sweep-only`:
     # sweep 2 = benchmarks/results/sweeps/int8_linear-sweep-h100-80gb-hbm3-2026-11-25.json (current kernels),
     # sweep 1 = the earlier sweep of the same day, kept only for keys sweep 2 did not cover.
+# sweep 3 = benchmarks/results/sweeps/int8_linear-sweep-m16-narrow-* (M = 16 only, with 16-wide weight
+# tiles, 512-deep K steps and 2 warps among the candidates).
 # "gemv structure run" = `scripts/gemv_variants.py` (benchmarks/results/sweeps/gemv-variants-*.json): the
 # GEMV with register loads and cache hints, whose structure replaced the pipelined one.
     ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=2, block_k=1024, split_k=1, num_warps=2, num_stages=1)),  # 12.3 us (gemv structure run)
     ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=2, block_k=2048, split_k=1, num_warps=4, num_stages=1)),  # 27.8 us (gemv structure run)
     ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1)),  # 28.2 us (gemv structure run)
-    ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 15.3 us (sweep 2)
-    ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 37.2 us in the INT8 benchmark as forced gemm (split-K 4 measured 41-56 us there)
-    ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 33.8 us (sweep 2)
+    ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3)
+    ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
+    ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
     ("auto", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 24.3 us (sweep 2)
     ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 2)
     ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
@@ -195,9 +197,9 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("gemm", "1", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 40.9 us (sweep 1)
     ("gemm", "1", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 1)
     ("gemm", "1", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 49.1 us (sweep 1)
-    ("gemm", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 15.3 us (sweep 2)
-    ("gemm", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=5, swap_ab=True)),  # 38.0 us (sweep 2)
-    ("gemm", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=32, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 33.8 us (sweep 2)
+    ("gemm", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3)
+    ("gemm", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
+    ("gemm", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
     ("gemm", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 25.5 us (sweep 2)
     ("gemm", "256", 4096, 14336): ("gemm", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 73.6 us (sweep 2)
     ("gemm", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)

@@ -189,13 +189,16 @@ class RopeConfig:
 
 # Heuristic table, first match wins: (minimum token count, storage order or None for either, config).
 # "token-major" storage is (batch, seq, heads, head_dim) in memory: a token's heads are adjacent, so a
-# program takes one token and walks all its heads (cos/sin read once per token). "head-major" storage
-# (Hugging Face's contiguous (batch, heads, seq, head_dim)) puts a head's consecutive tokens next to
-# each other, so tiles run along tokens instead. Decode-sized inputs split heads over programs so
-# every SM gets work.
+# program takes one token and walks all its heads 32 at a time (cos/sin read once per token).
+# "head-major" storage (Hugging Face's contiguous (batch, heads, seq, head_dim)) puts a head's
+# consecutive tokens next to each other, so a program takes one tile of 16 tokens of one head (no head
+# loop: the most loads in flight; cos/sin rows come from L2). Both measured by the benchmark's sweep
+# on an H100 (benchmarks/results/sweeps/rope-sweep-*: 120.1 us and 120.0 us against 124.2 us and
+# 124.4 us for the previous entries, (1, 8, all heads) and (16, 1, 8 heads)). Decode-sized inputs
+# split heads over programs so every SM gets work.
 _TABLE: tuple[tuple[int, bool | None, RopeConfig], ...] = (
-    (2048, True, RopeConfig(block_t=1, block_h=8, heads_per_program=0)),
-    (2048, False, RopeConfig(block_t=16, block_h=1, heads_per_program=8)),
+    (2048, True, RopeConfig(block_t=1, block_h=32, heads_per_program=0, num_warps=8)),
+    (2048, False, RopeConfig(block_t=16, block_h=1, heads_per_program=1, num_warps=8)),
     (256, None, RopeConfig(block_t=2, block_h=4, heads_per_program=8)),
     (0, None, RopeConfig(block_t=1, block_h=8, heads_per_program=8)),
 )
