@@ -128,6 +128,10 @@ FWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
         (512, 0, 8, 4, 0, False),
         (1024, 0, 4, 4, 0, False),
         (2048, 0, 2, 4, 0, False),
+        # up to 4096 rows (a grid of one or two waves, where the tail shows): persistent programs of
+        # two rows with the next tile's loads in flight; 2,402 vs 2,348 GB/s at 4096x4096
+        # (benchmarks/results/sweeps/rmsnorm-sweep-tiles-h100-80gb-hbm3-2026-11-25)
+        (4096, 4096, 2, 8, 4, True),
         (4096, 0, 1, 8, 0, False),
         (8192, 0, 1, 16, 0, False),
         (16384, 0, 1, 32, 0, False),
