@@ -424,9 +424,13 @@ def _candidates(variant: str, m: int, best: list | None = None):
             tiles = [(bm, bn, bk, w, st, sw) for (bm, bn, bk, w, st) in (
                 (64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (128, 64, 128, 4, 3), (64, 128, 64, 4, 4),
                 (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 32, 128, 4, 4), (64, 32, 128, 4, 4),
+                # deeper pipelines, 256-deep K steps, 8 warps on 128-row tiles
+                (128, 32, 128, 4, 5), (128, 64, 64, 4, 6), (64, 64, 256, 4, 3), (128, 64, 128, 8, 3),
+                (128, 64, 64, 8, 5), (64, 128, 128, 4, 3), (128, 32, 256, 4, 3), (64, 32, 256, 4, 4),
             ) for sw in (True, False)]
             if variant == "splitk":
-                tiles = [t for t in tiles if t[:3] in ((64, 64, 128), (128, 64, 64), (64, 128, 64))]
+                tiles = [t for t in tiles if t[:3] in (
+                    (64, 64, 128), (128, 64, 64), (64, 128, 64), (128, 32, 128), (64, 32, 256))]
         else:
             if variant == "splitk":
                 return
