@@ -1,0 +1,55 @@
+"""A/B timing of RMSNorm forward launch configurations at one shape (CUDA only).
+
+Sweeps time each configuration once; at shapes of a few tens of microseconds two configurations a few
+percent apart can trade places between runs. This alternates the candidates for several rounds in
+one process and reports each one's median over the rounds (each round itself a ``do_bench`` median).
+
+    python scripts/rmsnorm_ab.py --shape 4096x4096 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton.testing
+
+import rotalabs_accel as ra
+from rotalabs_accel.triton_kernels import rmsnorm as k
+from rotalabs_accel.triton_kernels.rmsnorm import RMSNormConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="4096x4096", help="rows x hidden (bf16)")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    m, n = (int(v) for v in args.shape.lower().split("x"))
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    candidates = {
+        "table": k.forward_config(m, n, 2, sms),
+        "one row per program, 8 warps": RMSNormConfig("tile", triton.next_power_of_2(n), 8),
+        "persistent 2 rows, 4/SM, prefetch": RMSNormConfig("tile", triton.next_power_of_2(n), 8, 2, 4, True),
+        "persistent 1 row, 4/SM, prefetch": RMSNormConfig("tile", triton.next_power_of_2(n), 8, 1, 4, True),
+    }
+    fns = {name: (lambda cfg=cfg: k.rmsnorm_forward(x, w, 1e-6, 0.0, "llama", config=cfg))
+           for name, cfg in candidates.items()}
+    fns["public rotalabs_accel.rmsnorm (table pick)"] = lambda: ra.rmsnorm(x, w)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            times[name].append(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    nbytes = 2 * m * n * 2
+    print(f"{torch.cuda.get_device_name()} bf16 {m}x{n}, {args.rounds} rounds")
+    print(f"  table pick: {candidates['table']}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:44s} median {med * 1e3:7.2f} us ({nbytes / med / 1e6:,.0f} GB/s); "
+              f"rounds {min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f} us")
+
+
+if __name__ == "__main__":
+    main()
