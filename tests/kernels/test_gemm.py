@@ -125,8 +125,44 @@ def test_w8a16_explicit_configs(device, kernel, config, group_size):
     x, q, s, b = _problem(m, 37, 96, torch.float16, group_size=group_size, device=device)
     out = w8a16_linear(x, q, s, b, group_size, kernel, cfg)
     _check_w8a16(out, x, q, s, b, group_size)
-    # deterministic: split-K partial sums are reduced in a fixed order, without atomics
+    # deterministic: split-K partial sums are added in split order, whichever program finishes last
     assert torch.equal(out, w8a16_linear(x, q, s, b, group_size, kernel, cfg))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("kernel", ["gemv", "splitk"])
+def test_split_k_is_one_launch_and_leaves_its_counters_zero(device, kernel, monkeypatch):
+    """A split-K call is one kernel: the last program of each tile adds the partial sums. The arrival
+    counters are back to zero afterwards, so the next call (here: another shape and split sharing the
+    buffer) starts clean."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+
+    launched = []
+    real_call = kernels.KernelLaunch.__call__
+
+    def counting_call(site, args, key=0):
+        launched.append(site.kernel)
+        return real_call(site, args, key)
+
+    monkeypatch.setattr(kernels.KernelLaunch, "__call__", counting_call)
+    kernels.clear_plans()
+    for m, n, k, split in ((3, 37, 200, 4), (5, 50, 96, 3)):
+        if kernel == "gemv":
+            cfg = GemvConfig(block_n=8, block_k=32, split_k=split, num_stages=1)
+        else:
+            cfg = DotConfig(block_m=16, block_n=16, block_k=16, split_k=split)
+        x, q, s, b = _problem(m, n, k, torch.float32, device=device)
+        launched.clear()
+        out = kernels.w8a16_linear(x, q, s, b, None, kernel, cfg)
+        assert len(launched) == 1
+        (plan,) = [p for key, p in kernels._PLANS.items() if key[:3] == (m, n, k)]
+        assert plan[2] == split and plan[3] > 1  # split, tiles
+        _check_w8a16(out, x, q, s, b)
+        assert all(int(locks.count_nonzero()) == 0 for locks in kernels._LOCKS.values())
+        assert torch.equal(out, kernels.w8a16_linear(x, q, s, b, None, kernel, cfg))
+    kernels.clear_plans()
 
 
 @pytest.mark.interpreter
@@ -535,6 +571,53 @@ def test_gpu_cuda_graph_capture():
         expected = layer(x)
         graph.replay()
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["gemv", "splitk"])
+def test_gpu_split_k_deterministic_under_concurrency(kernel):
+    """Split-K on the GPU, where the programs of a tile finish in varying order: every run gives the
+    same bits (the last program adds the partial sums in split order), also with the same problem
+    running on a second stream at the same time (each stream has its own arrival counters), and
+    inside a CUDA graph (whose counters are its own)."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+
+    if kernel == "gemv":
+        m, cfg = 1, GemvConfig(block_n=4, block_k=256, split_k=8, num_stages=1)
+    else:
+        m, cfg = 16, DotConfig(block_m=16, block_n=64, block_k=128, split_k=8)
+    x, q, s, b = _problem(m, 4096, 4096, torch.bfloat16, device="cuda")
+    first = kernels.w8a16_linear(x, q, s, b, None, kernel, cfg)
+    _check_w8a16(first, x, q, s, b)
+    for _ in range(50):
+        assert torch.equal(kernels.w8a16_linear(x, q, s, b, None, kernel, cfg), first)
+    # two streams at once, different inputs
+    x2 = randn(*x.shape, dtype=x.dtype, device="cuda")
+    second = kernels.w8a16_linear(x2, q, s, b, None, kernel, cfg)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs_main, outs_side = [], []
+    for _ in range(20):
+        outs_main.append(kernels.w8a16_linear(x, q, s, b, None, kernel, cfg))
+        with torch.cuda.stream(side):
+            outs_side.append(kernels.w8a16_linear(x2, q, s, b, None, kernel, cfg))
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, first) for o in outs_main)
+    assert all(torch.equal(o, second) for o in outs_side)
+    # captured in a CUDA graph, replayed with new inputs
+    graph = torch.cuda.CUDAGraph()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph):
+        captured = kernels.w8a16_linear(x, q, s, b, None, kernel, cfg)
+    x.copy_(x2)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, second)
+    assert all(int(locks.count_nonzero()) == 0 for locks in kernels._LOCKS.values())
 
 
 @pytest.mark.gpu

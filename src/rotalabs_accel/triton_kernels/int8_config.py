@@ -24,8 +24,9 @@ The variants:
   (``num_stages`` tiles in flight) with 16-byte loads, fp32 multiply-adds on CUDA cores; the decode
   kernel (M = 1), where the time is the weight's bytes over the memory bandwidth.
 * ``splitk``: the tensor-core kernel with the K dimension shared by ``split_k`` programs, whose fp32
-  partial sums a second kernel reduces in a fixed order. Chosen automatically for small and medium M,
-  where the output has too few tiles to occupy the GPU; its split is then 1 when the tiles suffice.
+  partial sums the last program of each output tile adds up in a fixed order (one launch). Chosen
+  automatically for small and medium M, where the output has too few tiles to occupy the GPU; its
+  split is then 1 when the tiles suffice.
 * ``gemm``: the tensor-core kernel with one program per output tile (prefill).
 """
 
@@ -76,7 +77,7 @@ class GemvConfig:
 
     Each program streams a ``[block_n, block_k]`` int8 tile per step through a ``num_stages``-deep
     pipeline; ``split_k`` programs share each row of W, their fp32 partial sums reduced in a fixed order
-    by a second kernel (0: chosen from the shape). Loads are 16 bytes wide when
+    by the tile's last program (0: chosen from the shape). Loads are 16 bytes wide when
     ``block_n * block_k >= 16 * 32 * num_warps``.
     """
 

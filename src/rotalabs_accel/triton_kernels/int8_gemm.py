@@ -11,9 +11,17 @@ once, in the ``nn.Linear`` layout ``[N, K]``, and never materialized in floating
   int8 x int8 -> int32 tensor-core GEMM applies both scales (and the bias) in the epilogue.
 
 Kernels, in the order the data meets them: GEMV (one row of x per program, the weight streamed through
-a software pipeline, fp32 FMAs), the tensor-core kernel shared by split-K and GEMM (split-K partial sums
-are reduced by a second kernel in a fixed order, so results are deterministic; no atomics), the split-K
-reduction, the activation quantizer and the W8A8 GEMM. Launchers follow.
+a software pipeline, fp32 FMAs), the tensor-core kernel shared by split-K and GEMM, the activation
+quantizer and the W8A8 GEMM. Launchers follow.
+
+Split-K (the GEMV's and the tensor-core kernel's) runs in one launch. Each program stores its fp32
+partial sums, then counts itself in at its output tile's arrival counter (an atomic add); the program
+that arrives last adds the tile's partial sums in split order (0, 1, ..., SPLIT_K - 1, read back from
+memory, its own included), applies scale and bias, stores the output and sets the counter back to
+zero. The summation order never depends on which program finished last, so results are deterministic;
+no program ever waits for another (nothing assumes the programs of a launch run at the same time).
+The counters live in one zeroed buffer per device and stream (each launch leaves them zero again;
+kernels of one stream run in order), or a fresh zeroed one per call while a CUDA graph is captured.
 
 The launchers are on the decode path, where a call's Python time can exceed the kernel's: everything
 that depends only on the problem size (variant, tiles, grid, constexprs) is resolved once per size and
@@ -33,7 +41,7 @@ import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
-from ._launch import KernelLaunch, current_device, launch, on_device
+from ._launch import KernelLaunch, _current_stream, current_device, launch, on_device
 from .int8_config import (
     DotConfig,
     GemvConfig,
@@ -122,8 +130,46 @@ def _store_output(
             acc = acc + b
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        # fp32 partial sums of this K slice; the reduction kernel applies scale and bias
+        # fp32 partial sums of this K slice; _splitk_fixup applies scale and bias to their total
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_fixup(
+    like,
+    om,
+    on,
+    M,
+    N,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    part_ptr,
+    lock_ptr,
+    stride_sn,
+    PER_CHANNEL_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # Called by every program of a split-K launch once its partial sums are stored (om / on index them
+    # as in _store_output; ``like`` gives the tile's shape). The barrier orders all of this program's
+    # stores before its arrival, which the atomic publishes GPU-wide (release) and, for the last
+    # program, orders the reads of the other programs' partial sums after it (acquire).
+    tl.debug_barrier()
+    tile = tl.program_id(0)
+    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        mask = (om < M) & (on < N)
+        offs = om.to(tl.int64) * N + on
+        total = tl.zeros_like(like)
+        for kk in tl.static_range(SPLIT_K):
+            # .cg: read at L2, where the other SMs' stores are, never from this SM's L1
+            total += tl.load(part_ptr + kk * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(lock_ptr + tile, 0)  # zero again for the next launch on this stream
+        _store_output(
+            total, om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, 0, stride_sn,
+            PER_CHANNEL_SCALE=PER_CHANNEL_SCALE, HAS_BIAS=HAS_BIAS, SPLIT_K=1,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +185,7 @@ def _w8a16_gemv_kernel(
     b_ptr,
     out_ptr,
     part_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -208,9 +255,17 @@ def _w8a16_gemv_kernel(
             out = out + tl.load(b_ptr + rows).to(tl.float32)
         tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
     else:
-        # fp32 partial sums of this K slice; the reduction kernel applies scale and bias
-        plane = (pid_k * M + pid_m).to(tl.int64) * N
-        tl.store(part_ptr + plane + offs_n, out, mask=offs_n < N)
+        # fp32 partial sums of this K slice; the tile's last program adds them up
+        om = (pid_m + tl.arange(0, 1))[:, None]
+        on = offs_n[None, :]
+        _store_output(
+            out[None, :], om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, pid_k, stride_sn,
+            PER_CHANNEL_SCALE=GROUP_SIZE == 0, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
+        )
+        _splitk_fixup(
+            out[None, :], om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, stride_sn,
+            PER_CHANNEL_SCALE=GROUP_SIZE == 0, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +359,7 @@ def _w8a16_dot_kernel(
     b_ptr,
     out_ptr,
     part_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -401,35 +457,11 @@ def _w8a16_dot_kernel(
         acc, om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, pid_k, stride_sn,
         PER_CHANNEL_SCALE=GROUP_SIZE == 0, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
     )
-
-
-@triton.jit
-def _splitk_reduce_kernel(
-    part_ptr,
-    s_ptr,
-    b_ptr,
-    out_ptr,
-    M,
-    N,
-    stride_sn,
-    SPLIT_K: tl.constexpr,
-    PER_CHANNEL_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row = part_ptr + pid_m.to(tl.int64) * N + offs_n
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # a fixed summation order: the result does not depend on which split finished first
-    for _ in tl.static_range(SPLIT_K):
-        acc += tl.load(row, mask=offs_n < N, other=0.0)
-        row += M * N
-    om = (pid_m + tl.arange(0, 1))[:, None]
-    _store_output(
-        acc[None, :], om, offs_n[None, :], M, N, s_ptr, b_ptr, out_ptr, part_ptr, 0, stride_sn,
-        PER_CHANNEL_SCALE=PER_CHANNEL_SCALE, HAS_BIAS=HAS_BIAS, SPLIT_K=1,
-    )
+    if SPLIT_K > 1:
+        _splitk_fixup(
+            acc, om, on, M, N, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, stride_sn,
+            PER_CHANNEL_SCALE=GROUP_SIZE == 0, HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -587,10 +619,10 @@ def _split_plan(k: int, block_k: int, split: int) -> tuple[int, int, bool]:
 
 
 def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> tuple:
-    """``(launch, k_per_split, split, reduce_launch)`` for one problem size on one device.
+    """``(launch, k_per_split, split, tiles)`` for one problem size on one device.
 
-    ``launch`` and ``reduce_launch`` (``None`` without a split) are ``KernelLaunch`` sites with the
-    grid, launch options and constexprs resolved.
+    ``launch`` is a ``KernelLaunch`` site with the grid, launch options and constexprs resolved;
+    ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split.
     """
     fp32 = dtype == torch.float32
     sms = _sms(index)
@@ -622,15 +654,33 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
             GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32, BLOCKED_SUM=gs > 0 or dot_fp32,
         )
-    reduce = None
-    if split > 1:
-        # small column blocks: at decode (M = 1) the reduction must still spread over many SMs
-        block_n = min(256, triton.next_power_of_2(n))
-        reduce = KernelLaunch(
-            _splitk_reduce_kernel, (m, triton.cdiv(n, block_n)), 2, None, device=index,
-            SPLIT_K=split, PER_CHANNEL_SCALE=gs == 0, HAS_BIAS=has_bias, BLOCK_N=block_n,
-        )
-    return site, k_per_split, split, reduce
+    return site, k_per_split, split, site.grid[0] if split > 1 else 0
+
+
+# Arrival counters of split-K launches per (device index, stream): zeroed once, left zero by every
+# launch (see the module docstring). Kernels of one stream run in order, so they can share one buffer;
+# another stream's kernels may overlap them and get their own.
+_LOCKS: dict[tuple[int, int], torch.Tensor] = {}
+_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+
+
+def _split_locks(index: int, tiles: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeroed int32 counters, at least ``tiles`` of them, for a split-K launch on the current stream."""
+    if index >= 0:
+        if _stream_capturing is not None and _stream_capturing():
+            # under CUDA-graph capture: a buffer of the graph's own, zeroed by each replay (another
+            # graph captured on the same stream may be replayed concurrently with this one)
+            return like.new_zeros((tiles,), dtype=torch.int32)
+        stream = _current_stream(index) if _current_stream is not None else \
+            torch.cuda.current_stream(index).cuda_stream
+    else:
+        stream = 0
+    key = (index, stream)
+    locks = _LOCKS.get(key)
+    if locks is None or locks.numel() < tiles:
+        locks = like.new_zeros((max(tiles, 1024),), dtype=torch.int32)
+        _LOCKS[key] = locks
+    return locks
 
 
 def _empty_result(x, weight, bias):
@@ -688,10 +738,14 @@ def w8a16_linear(
     if plan is None:
         plan = _remember(key, _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config,
                                           index))
-    site, k_per_split, split, reduce = plan
+    site, k_per_split, split, tiles = plan
     # new_empty: the cheapest allocation call here (torch.empty(..., device=) parses the device each time)
     out = x.new_empty((m, n))
-    part = x.new_empty((split, m, n), dtype=torch.float32) if split > 1 else out
+    if split > 1:
+        part = x.new_empty((split, m, n), dtype=torch.float32)
+        locks = _split_locks(index, tiles, x)
+    else:
+        part = locks = out
     if scale.dim() == 2:
         stride_sn, stride_sg = scale.stride()
     else:
@@ -701,21 +755,15 @@ def w8a16_linear(
     # hence aligned): the inputs' alignment, the strides and the bias dtype.
     spec = (x.data_ptr() & 15, weight.data_ptr() & 15, scale.data_ptr() & 15, b_arg.data_ptr() & 15,
             b_arg.dtype, stride_xm, stride_wn, stride_sn, stride_sg)
-    args = (x, weight, scale, b_arg, out, part, m, n, k, k_per_split, stride_xm, stride_wn, stride_sn,
+    args = (x, weight, scale, b_arg, out, part, locks, m, n, k, k_per_split, stride_xm, stride_wn, stride_sn,
             stride_sg)
     if index >= 0 and index != current_device():
         # Triton launches on the current device
         with torch.cuda.device(index):
-            _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn)
+            site(args, spec)
     else:
-        _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn)
+        site(args, spec)
     return out
-
-
-def _run_w8a16(site, args, spec, reduce, part, scale, b_arg, out, m, n, stride_sn) -> None:
-    site(args, spec)
-    if reduce is not None:
-        reduce((part, scale, b_arg, out, m, n, stride_sn), spec)
 
 
 def w8a16_gemv_group(
