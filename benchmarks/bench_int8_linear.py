@@ -419,7 +419,7 @@ def _candidates(variant: str, m: int, best: list | None = None):
             tiles += [(16, bn, bk, w, st, sw) for bn, bk in ((16, 256), (16, 512), (32, 512))
                       for w in (2, 4) for st in (3, 4, 6) for sw in (True, False)]
             if variant == "splitk":  # the split multiplies the list: keep the likely tiles
-                tiles = [t for t in tiles if t[1] in (64, 128) and t[4] in (3, 4)]
+                tiles = [t for t in tiles if t[4] in (3, 4, 6)]
         elif m <= 256:
             tiles = [(bm, bn, bk, w, st, sw) for (bm, bn, bk, w, st) in (
                 (64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (128, 64, 128, 4, 3), (64, 128, 64, 4, 4),
