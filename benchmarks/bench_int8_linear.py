@@ -452,13 +452,13 @@ def _candidates(variant: str, m: int, best: list | None = None):
             yield DotConfig(bm, bn, bk, 1, 8, warps, stages, False)
 
 
-def _sweep_variants(m: int) -> list[str]:
+def _sweep_variants(m: int, only: list[str] | None = None) -> list[str]:
     variants = ["gemv"] if m <= 16 else []
     if m > 1:  # at M = 1 the GEMV is the decode kernel; the MMA variants keep their tables
         variants += (["splitk"] if m <= 256 else []) + ["gemm"]
     if m >= 128:
         variants.append("w8a8")
-    return variants
+    return [v for v in variants if only is None or v in only]
 
 
 def _sweep_inputs(n, k, m):
@@ -552,11 +552,11 @@ def _time_candidates(variant, cfgs, x, q, s, m, n, k, deadline, records):
     return timings
 
 
-def _sweep_point(n, k, m, deadline, records, compiler):
+def _sweep_point(n, k, m, deadline, records, compiler, only=None):
     """Time every candidate of every variant at one (M, N, K); returns {variant: (ms, config)}, stopped."""
     x, q, s = _sweep_inputs(n, k, m)
     best = {}
-    for variant in _sweep_variants(m):
+    for variant in _sweep_variants(m, only):
         cfgs = list(_candidates(variant, m))
         timings = _time_candidates(variant, cfgs, x, q, s, m, n, k, deadline, records)
         if timings and variant == "gemv" and m == 1:
@@ -583,8 +583,8 @@ def run_sweep(args, out_dir: Path):
     best: dict[tuple, tuple] = {}
     shapes = args.sweep_shape or (SHAPES[:1] if args.quick else SHAPES)
     points = list(itertools.product(args.sweep_m or MS, shapes))
-    tasks = [(variant, cfg, m, n, k) for m, (n, k) in points for variant in _sweep_variants(m)
-             for cfg in _candidates(variant, m)]
+    tasks = [(variant, cfg, m, n, k) for m, (n, k) in points
+             for variant in _sweep_variants(m, args.sweep_variants) for cfg in _candidates(variant, m)]
     # compiling is shared across shapes (the same specialization): one shape per configuration suffices,
     # with the largest M so the MMA kernels compile their full tiles
     unique = {}
@@ -593,7 +593,7 @@ def run_sweep(args, out_dir: Path):
     compiler = _Compiler(args.sweep_jobs)
     compiler.compile(list(unique.values()), deadline - 60)
     for m, (n, k) in points:
-        point, stopped = _sweep_point(n, k, m, deadline, records, compiler)
+        point, stopped = _sweep_point(n, k, m, deadline, records, compiler, args.sweep_variants)
         for variant, (t, cfg) in point.items():
             best[(variant, m_bucket(m), n, k)] = (t, cfg)
         torch.cuda.empty_cache()
@@ -643,6 +643,9 @@ def main() -> None:
                         help="M values to sweep (default 1 16 128 4096)")
     parser.add_argument("--sweep-shape", type=_shape, nargs="*", default=None,
                         help="N x K shapes to sweep, e.g. 4096x4096 (default: the three benchmark shapes)")
+    parser.add_argument("--sweep-variants", nargs="*", default=None,
+                        choices=("gemv", "splitk", "gemm", "w8a8"),
+                        help="variants to sweep (default: every variant that applies at each M)")
     parser.add_argument("--sweep-budget-s", type=float, default=480.0,
                         help="stop the sweep after this many seconds (default 480)")
     parser.add_argument("--sweep-jobs", type=int, default=min(8, os.cpu_count() or 1),
