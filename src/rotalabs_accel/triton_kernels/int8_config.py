@@ -181,7 +181,8 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     # sweep 1 = the earlier sweep of the same day, kept only for keys sweep 2 did not cover.
 # sweep 3 = benchmarks/results/sweeps/int8_linear-sweep-m16-narrow-* (M = 16 only, with 16-wide weight
 # tiles, 512-deep K steps and 2 warps among the candidates); sweep 4 = ...-sweep-m128-* (M = 128 only,
-# with deeper pipelines, 256-deep K steps and 8-warp 128-row tiles among the candidates).
+# with deeper pipelines, 256-deep K steps and 8-warp 128-row tiles among the candidates); sweep 5 =
+# ...-sweep-splitk-one-launch-* (split-K only, M = 16 and 128, after split-K became one launch).
 # "gemv structure run" = `scripts/gemv_variants.py` (benchmarks/results/sweeps/gemv-variants-*.json): the
 # GEMV with register loads and cache hints, whose structure replaced the pipelined one.
     ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=2, block_k=1024, split_k=1, num_warps=2, num_stages=1)),  # 12.3 us (gemv structure run)
@@ -191,7 +192,7 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
     ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
     ("auto", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 24.5 us (sweep 4; split-K 4: 24.9 us)
-    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 54.6 us (sweep 4)
+    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 54.9 us (sweep 5)
     ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
     ("auto", "big", 4096, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=True)),  # 232.0 us (sweep 2)
     ("auto", "big", 4096, 14336): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 763.4 us (sweep 2)
@@ -217,12 +218,12 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("splitk", "1", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 46.0 us (sweep 1)
     ("splitk", "1", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 77.1 us (sweep 1)
     ("splitk", "1", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=8, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 77.6 us (sweep 1)
-    ("splitk", "16", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 16.6 us (sweep 2)
-    ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=64, block_k=256, split_k=4, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.6 us (sweep 2)
-    ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=64, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 36.8 us (sweep 2)
-    ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 24.9 us (sweep 4)
-    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 54.6 us (sweep 4)
-    ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=2, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 64.4 us (sweep 4)
+    ("splitk", "16", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=16, block_k=256, split_k=2, group_m=8, num_warps=2, num_stages=4, swap_ab=False)),  # 15.5 us (sweep 5)
+    ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 35.0 us (sweep 5)
+    ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=32, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 34.8 us (sweep 5)
+    ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 24.6 us (sweep 5)
+    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 54.9 us (sweep 5)
+    ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 63.2 us (sweep 5)
     ("w8a8", "256", 4096, 4096): ("w8a8", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 21.9 us (sweep 2)
     ("w8a8", "256", 4096, 14336): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 58.6 us (sweep 2)
     ("w8a8", "256", 14336, 4096): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 39.2 us (sweep 2)

@@ -166,7 +166,8 @@ def _splitk_fixup(
         # summing the whole tile at once), so the sum costs the main loop no occupancy.
         SUB_M: tl.constexpr = max(1, min(BLOCK_M, 2048 // BLOCK_N))
         on = (first_n + tl.arange(0, BLOCK_N))[None, :]
-        plane = M.to(tl.int64) * N
+        # the distance between split planes, in 64 bits (M or N is a plain int when specialized to 1)
+        plane = (tl.program_id(0).to(tl.int64) * 0 + M) * N
         for r0 in tl.range(0, BLOCK_M, SUB_M, num_stages=1):
             om = (first_m + r0 + tl.arange(0, SUB_M))[:, None]
             mask = (om < M) & (on < N)
