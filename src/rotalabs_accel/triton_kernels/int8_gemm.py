@@ -675,6 +675,7 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
 # launch (see the module docstring). Kernels of one stream run in order, so they can share one buffer;
 # another stream's kernels may overlap them and get their own.
 _LOCKS: dict[tuple[int, int], torch.Tensor] = {}
+_MAX_LOCK_BUFFERS = 64
 _stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
 
@@ -692,6 +693,11 @@ def _split_locks(index: int, tiles: int, like: torch.Tensor) -> torch.Tensor:
     key = (index, stream)
     locks = _LOCKS.get(key)
     if locks is None or locks.numel() < tiles:
+        if len(_LOCKS) >= _MAX_LOCK_BUFFERS:
+            # A program that cycles through many streams: drop the others' buffers. Safe while their
+            # kernels still run: each buffer was allocated on its own stream, so the caching allocator
+            # hands its memory out again only to work ordered after those kernels.
+            _LOCKS.clear()
         locks = like.new_zeros((max(tiles, 1024),), dtype=torch.int32)
         _LOCKS[key] = locks
     return locks
