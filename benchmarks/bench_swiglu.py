@@ -232,13 +232,22 @@ def ffn_modules(hidden: int, inter: int, notes: list[str]) -> dict[str, torch.nn
     return modules
 
 
-def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int) -> None:
+FFN_ROUNDS = 3
+
+
+def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int,
+              rounds: int = FFN_ROUNDS) -> None:
+    """Each implementation's step is timed in ``rounds`` interleaved rounds (A, B, C, ..., then again)
+    and the median round counts: the block runs its GEMMs at the card's power limit for seconds on end,
+    and timing each implementation once, one after the other, would hand any clock drift to whichever
+    comes last."""
     tokens, hidden, inter = shape
     modules = ffn_modules(hidden, inter, notes)
     x = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE).requires_grad_()
     grad_y = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE)
     flops = 18 * tokens * hidden * inter  # 3 GEMMs forward, 6 backward, 2*M*N*K each
     expected = None
+    steps, checks = {}, {}
     for name, module in modules.items():
         params = list(module.parameters())
 
@@ -264,16 +273,28 @@ def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int) -
         module(x).backward(grad_y)
         torch.cuda.synchronize()
         peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = bench_ms(step, warmup=warmup, rep=rep)
-        rows.append(Row("swiglu_ffn_fwdbwd", name, [tokens, hidden, inter], ms, TFLOPs=flops / ms / 1e9,
-                        note=f"peak {peak_mib:,.0f} MiB above inputs; out rel err vs hf {err:.1e}",
-                        extra={"peak_MiB_over_base": round(peak_mib, 1)}))
-        log(f"  ffn {name:32s} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s  peak {peak_mib:7.0f} MiB  "
-            f"err {err:.1e}")
         for p in params:
             p.grad = None
         x.grad = None
         torch.cuda.empty_cache()
+        steps[name] = step
+        checks[name] = (peak_mib, err)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(bench_ms(step, warmup=warmup, rep=rep))
+    for name in steps:
+        ms = sorted(times[name])[len(times[name]) // 2]
+        peak_mib, err = checks[name]
+        spread = ", ".join(f"{t:.3f}" for t in times[name])
+        rows.append(Row("swiglu_ffn_fwdbwd", name, [tokens, hidden, inter], ms, TFLOPs=flops / ms / 1e9,
+                        note=f"peak {peak_mib:,.0f} MiB above inputs; out rel err vs hf {err:.1e}; "
+                             f"rounds {spread} ms",
+                        extra={"peak_MiB_over_base": round(peak_mib, 1), "rounds_ms": times[name]}))
+        log(f"  ffn {name:32s} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s  peak {peak_mib:7.0f} MiB  "
+            f"err {err:.1e}  rounds {spread}")
+    notes.append(f"FFN rows: median of {rounds} interleaved rounds (every implementation once per round, in "
+                 "table order), each round a do_bench median.")
 
 
 # --------------------------------------------------------------------------------------------------
