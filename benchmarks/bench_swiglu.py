@@ -235,6 +235,19 @@ def ffn_modules(hidden: int, inter: int, notes: list[str]) -> dict[str, torch.nn
 FFN_ROUNDS = 3
 
 
+def ffn_step(module: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
+    """One forward+backward step of ``module`` on ``x`` with fresh gradients, as a closure to time."""
+    params = list(module.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        module(x).backward(grad_y)
+
+    return step
+
+
 def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int,
               rounds: int = FFN_ROUNDS) -> None:
     """Each implementation's step is timed in ``rounds`` interleaved rounds (A, B, C, ..., then again)
@@ -250,13 +263,7 @@ def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int,
     steps, checks = {}, {}
     for name, module in modules.items():
         params = list(module.parameters())
-
-        def step(module=module, params=params):
-            for p in params:
-                p.grad = None
-            x.grad = None
-            module(x).backward(grad_y)
-
+        step = ffn_step(module, x, grad_y)
         step()
         step()
         out = module(x).detach()

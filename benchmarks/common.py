@@ -167,6 +167,15 @@ def _git_commit() -> str | None:
         return None
 
 
+def write_diagnostic(stem: str, records: list, out_dir: Path, **extra) -> Path:
+    """Write a diagnostic script's ``<stem>-<gpu>-<date>.json`` (environment, ``extra``, records)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}-{gpu_slug()}-{_dt.date.today().isoformat()}.json"
+    path.write_text(json.dumps({"env": environment(), **extra, "records": records}, indent=1))
+    return path
+
+
 def write_results(name: str, rows: list[Row], ceilings: dict, notes: list[str] | None = None,
                   out_dir: Path | None = None) -> Path:
     """Write ``<name>.json`` and ``<name>.md``; returns the JSON path."""

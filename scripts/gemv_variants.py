@@ -22,8 +22,6 @@ per shape, best first, and writes ``gemv-variants-<gpu>-<date>.json`` to ``--out
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -31,8 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import environment, write_diagnostic  # noqa: E402
 from rotalabs_accel.triton_kernels.int8_gemm import _int8_to_f32, w8a16_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -149,11 +150,7 @@ def main() -> None:
     if args.shapes is not None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    env = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv)}
-    print(env, flush=True)
+    print(environment(), flush=True)
     records = []
     for n, k in shapes:
         rows = time_shape(n, k, dev)
@@ -167,11 +164,7 @@ def main() -> None:
         for name, ms, nbytes in rows:
             records.append({"n": n, "k": k, "impl": name, "ms": ms, "GBps": nbytes / ms / 1e6,
                             "x_cublas": t_cublas / ms})
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = props.name.lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"gemv-variants-{slug}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_diagnostic('gemv-variants', records, args.out)}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ output is checked against a float64 product first. Prints a table per shape, bes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -32,9 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from rotalabs_accel.triton_kernels.int8_gemm import w8a16_linear  # noqa: E402
+from common import environment, write_diagnostic  # noqa: E402
+from rotalabs_accel.triton_kernels.int8_gemm import _grouped_tile, w8a16_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 
@@ -43,16 +44,8 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
 def _tma_kernel(x_desc, w_desc, s_ptr, out_ptr, M, N, K, k_per_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     k_start = pid_k * k_per_split
@@ -158,11 +151,7 @@ def main() -> None:
     parser.add_argument("--m", default="16,128,4096")
     args = parser.parse_args()
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    env = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv)}
-    print(env, flush=True)
+    print(environment(), flush=True)
     records = []
     for m in (int(v) for v in args.m.split(",")):
         for n, k in SHAPES:
@@ -175,11 +164,7 @@ def main() -> None:
                 print(f"  {r['ms'] * 1e3:8.2f} us {t_cublas / r['ms']:5.2f}x cuBLAS  {r['impl']}", flush=True)
             for r in rows:
                 records.append({"m": m, "n": n, "k": k, **r, "x_cublas": t_cublas / r["ms"]})
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = props.name.lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"int8-tma-variants-{slug}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_diagnostic('int8-tma-variants', records, args.out)}")
 
 
 if __name__ == "__main__":

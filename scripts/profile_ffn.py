@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as dt
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_swiglu  # noqa: E402
+from common import environment, write_diagnostic  # noqa: E402
 
 
 def kernel_times(step) -> tuple[list[tuple[str, float, int]], float]:
@@ -57,48 +56,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    env = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv)}
-    print(env, flush=True)
+    print(environment(), flush=True)
     tokens, hidden, inter = bench_swiglu.FFN_SHAPE
     notes: list[str] = []
     modules = bench_swiglu.ffn_modules(hidden, inter, notes)
     modules.pop("hf LlamaMLP + torch.compile", None)  # its compile time would dominate the run
     x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16).requires_grad_()
     grad_y = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16)
-    steps = {}
-    for name, module in modules.items():
-        params = list(module.parameters())
-
-        def step(module=module, params=params):
-            for p in params:
-                p.grad = None
-            x.grad = None
-            module(x).backward(grad_y)
-
+    steps = {name: bench_swiglu.ffn_step(module, x, grad_y) for name, module in modules.items()}
+    for step in steps.values():
         step()
-        steps[name] = step
     times = collections.defaultdict(list)
     for _ in range(args.rounds):
         for name, step in steps.items():
             times[name].append(triton.testing.do_bench(step, warmup=25, rep=400, return_mode="median"))
-    record = {"env": env, "notes": notes, "impls": {}}
+    impls = {}
     for name, step in steps.items():
         kernels, gpu_us = kernel_times(step)
         med = statistics.median(times[name])
-        record["impls"][name] = {"rounds_ms": times[name], "median_ms": med, "kernel_sum_us": gpu_us,
+        impls[name] = {"rounds_ms": times[name], "median_ms": med, "kernel_sum_us": gpu_us,
                                  "kernels": [{"name": n, "us": us, "calls": c} for n, us, c in kernels]}
         print(f"\n== {name}: median {med:.3f} ms over rounds {[round(t, 3) for t in times[name]]}; "
               f"kernels sum {gpu_us / 1e3:.3f} ms", flush=True)
         for n, us, c in kernels[:14]:
             print(f"  {us:9.1f} us  x{c:<3d} {n[:110]}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = props.name.lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"ffn-profile-{slug}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    records = [{"impl": name, **v} for name, v in impls.items()]
+    print(f"wrote {write_diagnostic('ffn-profile', records, args.out, notes=notes)}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ order). Writes ``store-hint-variants-<gpu>-<date>.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -30,9 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import rotalabs_accel as ra  # noqa: E402
+from common import environment, write_diagnostic  # noqa: E402
 
 RMS_SHAPES = [(16384, 4096), (16384, 8192), (4096, 4096)]
 SWIGLU_SHAPES = [(4096, 11008), (16384, 14336)]
@@ -82,6 +83,19 @@ def bench(fn) -> float:
 HINTS = {0: "plain", 1: ".cs", 2: "evict_first"}
 
 
+def time_variant(rows: list[dict], label: str, name: str, run, out: torch.Tensor,
+                 expected: torch.Tensor) -> None:
+    """Run once into a NaN-poisoned ``out``, record its largest difference from the library's output,
+    then time it; a variant that fails to compile or run is printed and skipped."""
+    try:
+        out.fill_(float("nan"))
+        run()
+        diff = (out.float() - expected.float()).abs().max().item()
+        rows.append({"impl": name, "ms": bench(run), "max_abs_diff_vs_library": diff})
+    except Exception as exc:
+        print(f"  {label} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+
+
 def rms_rows(m: int, n: int, dev) -> list[dict]:
     x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -100,13 +114,7 @@ def rms_rows(m: int, n: int, dev) -> list[dict]:
             _rmsnorm_kernel[(triton.cdiv(m, bm),)](x, w, y, rstd, m, n, EPS, BLOCK_M=bm, BLOCK_N=block_n,
                                                   LOAD_POLICY=lp, STORE_HINT=sh, num_warps=nw)
 
-        try:
-            y.fill_(float("nan"))
-            run()
-            diff = (y.float() - expected.float()).abs().max().item()
-            rows.append({"impl": name, "ms": bench(run), "max_abs_diff_vs_library": diff})
-        except Exception as exc:
-            print(f"  rmsnorm {m}x{n} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        time_variant(rows, f"rmsnorm {m}x{n}", name, run, y, expected)
     for r in rows:
         r["GBps"] = nbytes / r["ms"] / 1e6
     return sorted(rows, key=lambda r: r["ms"])
@@ -130,13 +138,7 @@ def swiglu_rows(m: int, n: int, dev) -> list[dict]:
             _swiglu_kernel[(triton.cdiv(numel, b),)](g, u, h, numel, BLOCK=b, LOAD_POLICY=lp, STORE_HINT=sh,
                                                     num_warps=nw)
 
-        try:
-            h.fill_(float("nan"))
-            run()
-            diff = (h.float() - expected.float()).abs().max().item()
-            rows.append({"impl": name, "ms": bench(run), "max_abs_diff_vs_library": diff})
-        except Exception as exc:
-            print(f"  swiglu {m}x{n} {name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        time_variant(rows, f"swiglu {m}x{n}", name, run, h, expected)
     for r in rows:
         r["GBps"] = nbytes / r["ms"] / 1e6
     return sorted(rows, key=lambda r: r["ms"])
@@ -147,11 +149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    env = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv)}
-    print(env, flush=True)
+    print(environment(), flush=True)
     records = []
     for op, shapes, fn in (("rmsnorm_fwd", RMS_SHAPES, rms_rows), ("swiglu_fwd", SWIGLU_SHAPES, swiglu_rows)):
         for m, n in shapes:
@@ -163,11 +161,7 @@ def main() -> None:
             lib = next(r for r in rows if r["impl"].startswith("library"))
             print(f"  library: {lib['ms'] * 1e3:.2f} us {lib['GBps']:.0f} GB/s", flush=True)
             records += [{"op": op, "m": m, "n": n, **r} for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = props.name.lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"store-hint-variants-{slug}-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_diagnostic('store-hint-variants', records, args.out)}")
 
 
 if __name__ == "__main__":
