@@ -331,17 +331,29 @@ def sweep_candidates(n_cols: int):
     return out
 
 
+SWEEP_KINDS = ("fwd", "bwd", "bwd_h", "bwd_h_packed")
+
+
 def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) -> list[str]:
+    """Sweep launch configurations; ``shapes`` is a list of ``((m, n), kinds)``.
+
+    Kinds: ``fwd`` / ``bwd`` (the activation's kernels, separate contiguous operands), ``bwd_h`` (the
+    feed-forward block's backward: in place over ``gate``, ``up`` and ``grad_out``, also storing the
+    recomputed activation: 3 reads, 3 writes) and ``bwd_h_packed`` (the same over one ``[m, 2n]``
+    gate|up buffer, as with fused_gate_up). In-place kinds rewrite their inputs on every run; the
+    values drift, the traffic does not.
+    """
     from dataclasses import replace
 
     from rotalabs_accel.triton_kernels import swiglu as k
 
     summary = []
-    for m, n in shapes:
+    for (m, n), wanted in shapes:
         gate = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
         up = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
         grad = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
         out, dgate, dup = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+        packed = torch.randn(m, 2 * n, device=DEVICE, dtype=DTYPE) if "bwd_h_packed" in wanted else None
 
         def forward(config, gate=gate, up=up, out=out):
             k.swiglu_forward(gate, up, out, config=config)
@@ -349,8 +361,22 @@ def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) 
         def backward(config, grad=grad, gate=gate, up=up, dgate=dgate, dup=dup):
             k.swiglu_backward(grad, gate, up, dgate, dup, config=config)
 
-        kinds = {"fwd": (3, k.forward_config(m, n), forward), "bwd": (5, k.backward_config(m, n), backward)}
+        def backward_h(config, grad=grad, gate=gate, up=up):
+            k.swiglu_backward(grad, gate, up, gate, up, grad, store_h=True, config=config)
+
+        def backward_h_packed(config, grad=grad, gu=packed, m=m, n=n):
+            k.swiglu_backward_rows(grad, gu, gu, gu, gu, grad, m, n, n, 2 * n, 2 * n, 2 * n, 2 * n, n,
+                                   up_col=n, grad_up_col=n, store_h=True, config=config)
+
+        kinds = {
+            "fwd": (3, k.forward_config(m, n), forward),
+            "bwd": (5, k.backward_config(m, n, store_h=False), backward),
+            "bwd_h": (6, k.backward_config(m, n, store_h=True), backward_h),
+            "bwd_h_packed": (6, k.backward_config(m, n, store_h=True), backward_h_packed),
+        }
         for kind, (passes, default, launch) in kinds.items():
+            if kind not in wanted:
+                continue
             nbytes = passes * m * n * ELT
             results: dict = {}
 
@@ -382,7 +408,7 @@ def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) 
                     f"default {gbps(nbytes, d_ms):,.0f} GB/s with {default}")
             log("  " + line)
             summary.append(line)
-        del gate, up, grad, out, dgate, dup
+        del gate, up, grad, out, dgate, dup, packed
         torch.cuda.empty_cache()
     return summary
 
@@ -443,6 +469,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep launch configurations of our kernels")
     parser.add_argument("--only", default=None, help="comma-separated parts to run: act, ffn, sweep")
+    parser.add_argument("--sweep-shapes", default=None,
+                        help="sweep these MxN shapes only (comma-separated, e.g. 8192x14336), every kind "
+                             "of --sweep-kinds; default: the activation shapes (fwd, bwd) and the FFN "
+                             "block's activation (bwd_h, bwd_h_packed)")
+    parser.add_argument("--sweep-kinds", default=",".join(SWEEP_KINDS),
+                        help=f"kinds swept with --sweep-shapes (of {', '.join(SWEEP_KINDS)})")
     args = parser.parse_args()
     require_cuda()
     parts = set(args.only.split(",")) if args.only else {"act", "ffn"} | ({"sweep"} if args.sweep else set())
@@ -474,7 +506,16 @@ def main() -> None:
         bench_ffn(ffn_shape, rows, notes, warmup, rep)
     if "sweep" in parts:
         log("sweep:")
-        notes += bench_sweep(act_shapes, rows, copy_gbps, 10, 50)
+        if args.sweep_shapes:
+            kinds = tuple(args.sweep_kinds.split(","))
+            if set(kinds) - set(SWEEP_KINDS):
+                sys.exit(f"--sweep-kinds: unknown kinds {sorted(set(kinds) - set(SWEEP_KINDS))}")
+            plan = [(tuple(int(v) for v in shape.split("x")), kinds)
+                    for shape in args.sweep_shapes.split(",")]
+        else:
+            plan = [(shape, ("fwd", "bwd")) for shape in act_shapes]
+            plan.append(((ffn_shape[0], ffn_shape[2]), ("bwd_h", "bwd_h_packed")))
+        notes += bench_sweep(plan, rows, copy_gbps, 10, 50)
     notes += target_notes(rows)
     for line in notes:
         log("  " + line)

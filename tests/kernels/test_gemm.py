@@ -24,7 +24,10 @@ from rotalabs_accel.reference.int8 import (
     w8a8_linear_reference,
 )
 
-W8A16_KERNELS = ["gemv", "splitk", "gemm"]
+# "dequant" rounds the dequantized weight once to x's dtype before a cuBLAS / PyTorch GEMM: its relative
+# error is about sqrt(2) x the reference's (the weight's rounding, independent per element, adds about as
+# much as the output's own rounding), inside the 2x bound of the same oracle as the exact variants.
+W8A16_KERNELS = ["gemv", "splitk", "gemm", "dequant"]
 # one M per bucket of the launch tables: 1, 2-16, 17-64, 65-256, >256
 BUCKET_MS = [1, 5, 40, 100, 300]
 
@@ -113,14 +116,17 @@ def test_w8a16_group_scales(device, kernel, group_size):
         ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=3, swap_ab=True), 32),
         ("gemm", dict(block_m=16, block_n=16, block_k=32, group_m=2, swap_ab=False), None),
         ("gemm", dict(block_m=16, block_n=32, block_k=16, group_m=3, swap_ab=True), 48),
+        ("dequant", dict(block_n=4, block_k=32), None),
+        # K tiles of 32 straddling groups of 48: the scale is looked up per element
+        ("dequant", dict(block_n=16, block_k=32, num_warps=2), 48),
     ],
 )
 def test_w8a16_explicit_configs(device, kernel, config, group_size):
     """Splits with an uneven last share, both MMA orientations, grouped tile order, group scales."""
-    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+    from rotalabs_accel.triton_kernels.int8_config import DequantConfig, DotConfig, GemvConfig
     from rotalabs_accel.triton_kernels.int8_gemm import w8a16_linear
 
-    cfg = GemvConfig(**config) if kernel == "gemv" else DotConfig(**config)
+    cfg = {"gemv": GemvConfig, "dequant": DequantConfig}.get(kernel, DotConfig)(**config)
     m = 5 if kernel == "gemv" else 33  # GEMV programs are one row-block x 8 columns: keep the grid small
     x, q, s, b = _problem(m, 37, 96, torch.float16, group_size=group_size, device=device)
     out = w8a16_linear(x, q, s, b, group_size, kernel, cfg)
@@ -175,7 +181,7 @@ def test_every_int8_value_converts_exactly(device, kernel):
     bias or sign handling would shift every value by a constant. x is one-hot, so each output is
     ``q[n, j] * s[n]``, one fp32 rounding of exact factors, which the reference computes identically.
     """
-    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
+    from rotalabs_accel.triton_kernels.int8_config import DequantConfig, DotConfig, GemvConfig
     from rotalabs_accel.triton_kernels.int8_gemm import w8a16_linear
 
     q = torch.randint(-128, 128, (256, 32), dtype=torch.int8, device=device)
@@ -184,7 +190,7 @@ def test_every_int8_value_converts_exactly(device, kernel):
     x = torch.zeros(2, 32, device=device)
     x[0, 5] = 1.0
     x[1, 30] = 1.0
-    cfg = GemvConfig(64, 32) if kernel == "gemv" else DotConfig(16, 64, 32)
+    cfg = {"gemv": GemvConfig(64, 32), "dequant": DequantConfig(16, 16)}.get(kernel, DotConfig(16, 64, 32))
     out = w8a16_linear(x, q, s, None, None, kernel, cfg)
     expected = torch.stack([q[:, 5].float() * s, q[:, 30].float() * s])
     assert torch.equal(out, expected)
@@ -243,6 +249,12 @@ def test_launch_heuristics():
     assert group_block(1024, 128) == (1024, 128)
     assert group_block(64, 48) == (16, 16)
     assert group_block(512, None) == (512, 512)
+    # prefill: "auto" dequantizes into a buffer for cuBLAS from DEQUANT_MIN_ROWS rows on, not before
+    from rotalabs_accel.triton_kernels.int8_config import DEQUANT_MIN_ROWS
+
+    assert select_w8a16(DEQUANT_MIN_ROWS, 4096, 4096, None, "auto", 132, False)[0] == "dequant"
+    assert select_w8a16(DEQUANT_MIN_ROWS - 1, 4096, 4096, None, "auto", 132, False)[0] != "dequant"
+    assert select_w8a16(DEQUANT_MIN_ROWS, 4096, 4096, None, "gemm", 132, False)[0] == "gemm"
     # group scales keep a second accumulator: big MMA tiles shrink so it fits in registers
     big = resolve_w8a16("gemm", DotConfig(256, 128, 64, num_warps=8), 4096, 4096, 4096,
                         group_size=128, sm_count=132, fp32=False)
@@ -263,6 +275,58 @@ def test_w8a16_strided_and_batched_inputs(device):
     _check_w8a16(out3, x3, q, s, b)
     _check_w8a16(outt, xt, q, s, b)
     _check_w8a16(out1, x[0], q, s, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("group_size", [None, 32, 48])
+def test_dequantize_weight_is_the_reference_rounded_once(device, dtype, group_size):
+    """The dequant variant's weight: ``q * s`` in fp32, one rounding to the dtype, bit for bit, on odd
+    N and K (masked edges), a ragged last group, and a weight with a row stride wider than K."""
+    from rotalabs_accel.triton_kernels.int8_config import DequantConfig
+    from rotalabs_accel.triton_kernels.int8_gemm import dequantize_weight
+
+    w = randn(37, 150, device=device) * 0.05
+    q, s = quantize_weight_reference(w, group_size)
+    q[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)
+    wide = torch.zeros(37, 160, dtype=torch.int8, device=device)
+    wide[:, 5:155] = q
+    expected = dequantize_weight_reference(q, s, group_size, dtype=torch.float32).to(dtype)
+    for weight in (q, wide[:, 5:155]):
+        out = dequantize_weight(weight, s, group_size, dtype, config=DequantConfig(8, 64, 2))
+        assert out.dtype == dtype and out.shape == (37, 150) and out.is_contiguous()
+        assert torch.equal(out, expected)
+    assert torch.equal(dequantize_weight(q, s, group_size, dtype), expected)  # the default tiles
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("bias", [True, False])
+def test_dequant_variant_runs_wide_weights_in_column_chunks(device, bias, monkeypatch):
+    """A weight wider than the transient buffer allows runs chunk by chunk into one reused buffer:
+    the same product (bias included, columns in place) as in one piece, with a buffer never larger
+    than DEQUANT_MAX_BUFFER_BYTES."""
+    from rotalabs_accel.triton_kernels import int8_config
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+
+    x, q, s, b = _problem(9, 70, 48, torch.bfloat16, bias=bias, device=device)
+    whole = kernels.w8a16_linear(x, q, s, b, None, "dequant")
+    # 16 rows of 48 bf16 per chunk: chunks of 16, 16, 16, 16 and 6 columns
+    monkeypatch.setattr(int8_config, "DEQUANT_MAX_BUFFER_BYTES", 16 * 48 * 2 + 5)
+    sizes = []
+    real = kernels.dequantize_weight
+
+    def recording(weight, *args, **kw):
+        sizes.append(weight.shape[0])
+        return real(weight, *args, **kw)
+
+    monkeypatch.setattr(kernels, "dequantize_weight", recording)
+    chunked = kernels.w8a16_linear(x, q, s, b, None, "dequant")
+    assert sizes == [16, 16, 16, 16, 6]
+    assert chunked.shape == (9, 70) and chunked.is_contiguous()
+    _check_w8a16(chunked, x, q, s, b)
+    torch.testing.assert_close(chunked, whole, rtol=2**-7, atol=1e-3)
 
 
 @pytest.mark.interpreter
@@ -512,7 +576,9 @@ def test_gpu_issue_shapes_every_kernel(n, k, m, group_size, dtype):
     x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
     ref64 = int8_linear_reference(x.double(), q, s, b.double(), group_size)
     baseline = int8_linear_reference(x, q, s, b, group_size)
-    kernels = ["auto", "gemv", "splitk", "gemm"] if m <= 128 else ["auto", "splitk", "gemm"]
+    kernels = ["auto", "splitk", "gemm", "dequant"]
+    if m <= 128:
+        kernels.append("gemv")
     if group_size is None:
         kernels.append("w8a8")
     for kernel in kernels:
@@ -534,7 +600,7 @@ def test_gpu_dtypes_and_odd_shapes(dtype):
     for m, n, k in [(1, 4099, 1000), (7, 333, 4100), (130, 1000, 777), (1500, 515, 2048), (33, 257, 14336)]:
         for group_size in (None, 64):
             x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
-            for kernel in ("auto", "gemv", "splitk", "gemm"):
+            for kernel in ("auto", "gemv", "splitk", "gemm", "dequant"):
                 out = int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel)
                 _check_w8a16(out, x, q, s, b, group_size)
 

@@ -192,7 +192,8 @@ def test_backward_in_place_matches_out_of_place(device, dtype):
 def test_launch_heuristics_are_well_formed():
     from rotalabs_accel.triton_kernels import swiglu as k
 
-    for pick in (k.forward_config, k.backward_config):
+    picks = (k.forward_config, k.backward_config, lambda rows, cols: k.backward_config(rows, cols, True))
+    for pick in picks:
         for rows in (1, 3, 64, 4096, 16384):
             for cols in (1, 7, 100, 256, 1000, 4096, 11008, 14336, 28672, 100000):
                 c = pick(rows, cols)
@@ -205,7 +206,9 @@ def test_launch_heuristics_are_well_formed():
     # The issue's shapes get the fastest configurations of the H100 sweep.
     Config = k.SwiGLULaunchConfig
     assert k.forward_config(16384, 14336) == Config(block_m=16, block_n=512, num_warps=16)
-    assert k.forward_config(4096, 11008) == Config(block_m=2, block_n=1024, num_warps=8)
+    # flat: contiguous operands run as one row of 2048-element tiles, strided ones as 2 x 1024 tiles
+    assert k.forward_config(4096, 11008) == Config(block_m=2, block_n=1024, num_warps=8, flat=True)
+    assert not k.forward_config(1, 11008).flat  # a clamped tile (1 x 1024) keeps its 2-D shape
     assert k.backward_config(16384, 14336) == Config(block_m=4, block_n=4096, num_warps=16)
     assert k.backward_config(4096, 11008) == Config(block_m=4, block_n=2048, num_warps=16)
     with pytest.raises(ValueError, match="block_n"):
@@ -257,11 +260,34 @@ def test_launch_sites_are_memoized_and_match_the_configs(device, recorded_launch
     ):
         assert kernel is want_kernel
         c = pick(m, n)
+        # row strides 2n: not contiguous, so a flat table row keeps its 2-D tiles
         assert grid == (m // c.block_m * -(-n // c.block_n), 1, 1) and num_warps == c.num_warps
         assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"]) == (c.block_m, c.block_n, False)
         assert meta["EVEN"] is (n % c.block_n == 0) and meta["LOAD_POLICY"] == ""
         assert meta.get("STORE_H") is store_h
     assert recorded_launches[3:] == recorded_launches[:3]
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_table_flat_rows_tile_contiguous_operands_as_one_row(device, recorded_launches):
+    """A flat table row launches a contiguous problem as one long row of tiles of the row's size; the
+    same shape with strided rows keeps the 2-D tiles. The site remembers the rewritten arguments."""
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    m, n = 4096, 11008
+    c = k.forward_config(m, n)
+    assert c.flat
+    t = torch.empty(8, dtype=torch.bfloat16, device=device)
+    for _ in range(2):
+        k.swiglu_forward_rows(t, t, t, m, n, n, n, n)
+    (kernel, grid, args, _, meta), again = recorded_launches
+    tile = c.block_m * c.block_n
+    assert grid == (-(-m * n // tile), 1, 1) and (meta["BLOCK_M"], meta["BLOCK_N"]) == (1, tile)
+    assert args[3:5] == (1, m * n) and meta["EVEN"] is (m * n % tile == 0)
+    assert again[2] == args
+    k.swiglu_forward_rows(t, t, t, m, n, n + 8, n, n)  # gate rows strided: 2-D tiles
+    grid = recorded_launches[-1][1]
+    assert grid == (m // c.block_m * -(-n // c.block_n), 1, 1) and recorded_launches[-1][2][3:5] == (m, n)
 
 
 @pytest.mark.parametrize("device", kernel_devices())

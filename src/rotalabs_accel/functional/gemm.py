@@ -12,7 +12,7 @@ from ..utils import autocast_enabled
 __all__ = ["int8_gemm", "int8_gemm_group", "MODES", "KERNELS", "W8A8_AUTO_MIN_TOKENS"]
 
 MODES = ("auto", "w8a16", "w8a8")
-KERNELS = ("auto", "gemv", "splitk", "gemm", "w8a8")
+KERNELS = ("auto", "gemv", "splitk", "gemm", "dequant", "w8a8")
 
 # mode="auto" may switch to W8A8 dynamic from this many rows (tokens) on, where int8 tensor cores make
 # prefill faster than bf16. It is off (None) by default because per-token activation quantization costs
@@ -82,7 +82,7 @@ def _validate_choice(op: str, mode, kernel, group_size) -> None:
         raise ValueError(f"{op}: kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "w8a8" and mode == "w8a16":
         raise ValueError(f"{op}: kernel='w8a8' contradicts mode='w8a16'")
-    if kernel in ("gemv", "splitk", "gemm") and mode == "w8a8":
+    if kernel in ("gemv", "splitk", "gemm", "dequant") and mode == "w8a8":
         raise ValueError(f"{op}: kernel={kernel!r} is a W8A16 kernel and contradicts mode='w8a8'")
     if group_size is not None and (mode == "w8a8" or kernel == "w8a8"):
         raise ValueError(f"{op}: W8A8 needs per-channel weight scales; got group_size={group_size}")
@@ -126,10 +126,13 @@ def int8_gemm(
         y_{mn} = \sum_k x_{mk}\, q_{nk}\, s_{n,\lfloor k/G \rfloor} + b_n \quad\text{(per group of } G\text{)}
 
     W8A16 (weight-only) keeps ``x`` in its dtype: the int8 weight is dequantized in registers and the
-    products are accumulated in fp32. W8A8 dynamic also quantizes each row of ``x`` symmetrically
-    (``x \approx x_q s_x``, int8 with an fp32 scale per row) and runs an exact int8 x int8 -> int32
-    product, scaled by ``s_x s_n`` in the epilogue. The weight is read in its ``nn.Linear`` layout
-    ``[N, K]``; no float or transposed copy is made.
+    products are accumulated in fp32; from ``int8_config.DEQUANT_MIN_ROWS`` rows on (prefill), where
+    the product is compute-bound, the weight is instead dequantized into a transient buffer in ``x``'s
+    dtype (at most ``int8_config.DEQUANT_MAX_BUFFER_BYTES`` at a time) and multiplied by cuBLAS.
+    W8A8 dynamic also quantizes each row of ``x`` symmetrically (``x \approx x_q s_x``, int8 with an
+    fp32 scale per row) and runs an exact int8 x int8 -> int32 product, scaled by ``s_x s_n`` in the
+    epilogue. The weight is read in its ``nn.Linear`` layout
+    ``[N, K]``; no transposed copy is made, and no float copy outlives the call.
 
     Args:
         x: activations ``[..., K]``, fp16, bf16 or fp32 (fp64 runs the PyTorch reference).
@@ -141,9 +144,9 @@ def int8_gemm(
             faster prefill on int8 tensor cores, a few dB less output SQNR on real activations), or
             ``"auto"``: W8A16, unless ``rotalabs_accel.functional.gemm.W8A8_AUTO_MIN_TOKENS`` is set
             to a row count from which per-channel layers switch to W8A8 (off by default).
-        kernel: ``"auto"`` (chosen from the shape), or force ``"gemv"``, ``"splitk"``, ``"gemm"`` (W8A16
-            kernels) or ``"w8a8"``; for tests and benchmarks. Ignored by the PyTorch reference except
-            that ``"w8a8"`` selects the W8A8 math.
+        kernel: ``"auto"`` (chosen from the shape), or force ``"gemv"``, ``"splitk"``, ``"gemm"``,
+            ``"dequant"`` (W8A16 kernels) or ``"w8a8"``; for tests and benchmarks. Ignored by the
+            PyTorch reference except that ``"w8a8"`` selects the W8A8 math.
 
     Returns:
         ``[..., N]`` in ``x.dtype`` (in the autocast dtype inside ``torch.autocast``, as ``nn.Linear``).

@@ -28,6 +28,14 @@ The variants:
   automatically for small and medium M, where the output has too few tiles to occupy the GPU; its
   split is then 1 when the tiles suffice.
 * ``gemm``: the tensor-core kernel with one program per output tile (prefill).
+* ``dequant``: the int8 weight dequantized into a transient buffer in the activations' dtype (a
+  memory-bound kernel: 1 byte read and 2 written per weight element), then multiplied by cuBLAS
+  (``torch.addmm``). From ``DEQUANT_MIN_ROWS`` rows on, the product is compute-bound and cuBLAS's GEMM
+  is faster than the register-dequantizing tensor-core kernel by more than the dequantization costs.
+  The buffer covers at most ``DEQUANT_MAX_BUFFER_BYTES`` of weight at a time (a wider weight runs in
+  column chunks), so a large ``lm_head`` never doubles in memory. The weight is rounded once to the
+  activation dtype before the product (as a dequantize-then-matmul of torchao or torch.compile does);
+  the other variants keep it exact in fp32. Chosen by ``"auto"`` only from ``DEQUANT_MIN_ROWS`` rows.
 """
 
 from __future__ import annotations
@@ -39,8 +47,11 @@ from dataclasses import dataclass
 __all__ = [
     "GemvConfig",
     "DotConfig",
+    "DequantConfig",
     "QuantConfig",
     "M_BUCKETS",
+    "DEQUANT_MIN_ROWS",
+    "DEQUANT_MAX_BUFFER_BYTES",
     "W8A16_KERNELS",
     "m_bucket",
     "AUTO_KERNEL",
@@ -57,7 +68,7 @@ __all__ = [
 ]
 
 M_BUCKETS = ("1", "16", "64", "256", "big")
-W8A16_KERNELS = ("gemv", "splitk", "gemm")
+W8A16_KERNELS = ("gemv", "splitk", "gemm", "dequant")
 
 # Programs per SM the split heuristic aims for. GEMV: several small programs per SM keep enough
 # 16-byte loads in flight to cover the memory latency. Tensor-core kernels: two larger tiles per SM,
@@ -111,12 +122,31 @@ class DotConfig:
 
 
 @dataclass(frozen=True)
+class DequantConfig:
+    """Tiles of the weight dequantization kernel of the ``dequant`` variant.
+
+    Each program converts a ``[block_n, block_k]`` int8 tile to the activation dtype (``q * scale``
+    in fp32, rounded once).
+    """
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Per-token activation quantization: one program per row, ``block_k`` elements per step."""
 
     block_k: int
     num_warps: int = 4
 
+
+# "auto" picks the dequant variant from this many rows on (below it the tensor-core kernel's reading of
+# the int8 weight costs less than writing and re-reading a dequantized copy), and the transient buffer of
+# dequantized weight holds at most this many bytes (a wider weight runs in column chunks).
+DEQUANT_MIN_ROWS = 2048
+DEQUANT_MAX_BUFFER_BYTES = 256 << 20
 
 AUTO_KERNEL: dict[str, str] = {
     "1": "gemv",
@@ -159,6 +189,9 @@ DEFAULTS: dict[str, dict[str, GemvConfig | DotConfig]] = {
         "big": DotConfig(256, 128, 64, group_m=8, num_warps=8, num_stages=3, swap_ab=True),
     },
 }
+
+DEQUANT_DEFAULT = DequantConfig(block_n=8, block_k=1024, num_warps=4)
+DEFAULTS["dequant"] = {bucket: DEQUANT_DEFAULT for bucket in M_BUCKETS}
 
 W8A8_DEFAULTS: dict[str, DotConfig] = {
     "1": DotConfig(16, 64, 128, num_warps=4, num_stages=4),
@@ -319,7 +352,7 @@ def select_w8a16(
     kernel: str,
     sm_count: int,
     fp32: bool,
-) -> tuple[str, GemvConfig | DotConfig]:
+) -> tuple[str, GemvConfig | DotConfig | DequantConfig]:
     """Pick the W8A16 variant and its tiles for one problem size.
 
     Args:
@@ -335,7 +368,9 @@ def select_w8a16(
     """
     bucket = m_bucket(m)
     tuned = TUNED.get((kernel, bucket, n, k))
-    if tuned is not None:
+    if kernel == "auto" and m >= DEQUANT_MIN_ROWS:
+        variant, cfg = "dequant", DEFAULTS["dequant"][bucket]
+    elif tuned is not None:
         variant, cfg = tuned
     else:
         variant = AUTO_KERNEL[bucket] if kernel == "auto" else kernel
@@ -349,7 +384,7 @@ def select_w8a16(
 
 def resolve_w8a16(
     variant: str,
-    cfg: GemvConfig | DotConfig,
+    cfg: GemvConfig | DotConfig | DequantConfig,
     m: int,
     n: int,
     k: int,
@@ -358,13 +393,17 @@ def resolve_w8a16(
     sm_count: int,
     fp32: bool,
     forced_split: bool = True,
-) -> GemvConfig | DotConfig:
+) -> GemvConfig | DotConfig | DequantConfig:
     """Clamp a table entry to the problem and fill in ``split_k`` (also used for configs passed in).
 
     ``forced_split``: a ``splitk`` entry whose split is chosen from the shape splits at least in two
     (a caller who forces the variant, the tests among them, wants the reduction exercised); the
     dispatcher's own ``splitk`` choice splits only when the grid needs more programs.
     """
+    if variant == "dequant":
+        assert isinstance(cfg, DequantConfig)
+        return dataclasses.replace(cfg, block_n=min(cfg.block_n, _next_pow2(n)),
+                                   block_k=min(cfg.block_k, max(16, _next_pow2(k))))
     if variant == "gemv":
         assert isinstance(cfg, GemvConfig)
         block_n = min(cfg.block_n, _next_pow2(n))

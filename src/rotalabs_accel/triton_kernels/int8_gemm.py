@@ -1,7 +1,9 @@
 """Triton kernels for INT8 linear layers: W8A16 (GEMV, split-K, tiled GEMM) and W8A8 dynamic.
 
 Every kernel computes ``out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias)`` with the int8 weight stored
-once, in the ``nn.Linear`` layout ``[N, K]``, and never materialized in floating point:
+once, in the ``nn.Linear`` layout ``[N, K]``. Except in the ``dequant`` variant (large M only, see
+``int8_config``: a transient dequantized copy of at most ``DEQUANT_MAX_BUFFER_BYTES`` multiplied by
+cuBLAS), it is never materialized in floating point:
 
 * W8A16: the int8 tile is converted in registers (exact: ``|q| <= 127`` fits fp16/bf16/fp32), multiplied
   with the activation tile with fp32 accumulation, and the fp32 per-channel scale is applied once in the
@@ -11,8 +13,8 @@ once, in the ``nn.Linear`` layout ``[N, K]``, and never materialized in floating
   int8 x int8 -> int32 tensor-core GEMM applies both scales (and the bias) in the epilogue.
 
 Kernels, in the order the data meets them: GEMV (one row of x per program, the weight streamed through
-a software pipeline, fp32 FMAs), the tensor-core kernel shared by split-K and GEMM, the activation
-quantizer and the W8A8 GEMM. Launchers follow.
+a software pipeline, fp32 FMAs), the tensor-core kernel shared by split-K and GEMM, the weight
+dequantizer of the dequant variant, the activation quantizer and the W8A8 GEMM. Launchers follow.
 
 Split-K (the GEMV's and the tensor-core kernel's) runs in one launch. Each program stores its fp32
 partial sums, then counts itself in at its output tile's arrival counter (an atomic add); the program
@@ -41,8 +43,11 @@ import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
+from . import int8_config
 from ._launch import KernelLaunch, _current_stream, current_device, launch, on_device
 from .int8_config import (
+    DEFAULTS,
+    DequantConfig,
     DotConfig,
     GemvConfig,
     QuantConfig,
@@ -56,6 +61,7 @@ from .int8_config import (
 
 __all__ = [
     "w8a16_linear",
+    "dequantize_weight",
     "w8a16_gemv_group",
     "w8a8_linear",
     "w8a8_gemm",
@@ -479,6 +485,31 @@ def _w8a16_dot_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
+# W8A16 dequant variant: the weight converted into a transient buffer, then cuBLAS
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg,
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[N, K] = (w * scale)`` in ``out``'s dtype: fp32 product, one rounding (the reference's)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    q = tl.load(w_ptr + r64 * stride_wn + cols[None, :], mask=mask, other=0)
+    if GROUP_SIZE > 0:
+        s = tl.load(s_ptr + r64 * stride_sn + (cols // GROUP_SIZE)[None, :] * stride_sg, mask=mask, other=0.0)
+    else:
+        s = tl.load(s_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0)[:, None]
+    value = q.to(tl.float32) * s
+    tl.store(out_ptr + r64 * K + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
 # W8A8: per-token activation quantization, then int8 x int8 -> int32 GEMM
 # --------------------------------------------------------------------------------------------------
 
@@ -636,7 +667,8 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
     """``(launch, k_per_split, split, tiles)`` for one problem size on one device.
 
     ``launch`` is a ``KernelLaunch`` site with the grid, launch options and constexprs resolved;
-    ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split.
+    ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split. The dequant
+    variant has no single launch: its plan is ``(None, DequantConfig, 0, 0)``.
     """
     fp32 = dtype == torch.float32
     sms = _sms(index)
@@ -644,9 +676,13 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
         variant, cfg = select_w8a16(m, n, k, group_size, kernel, sms, fp32)
     else:
         if kernel == "auto":
-            raise ValueError("an explicit config needs a named kernel ('gemv', 'splitk' or 'gemm')")
+            raise ValueError(
+                "an explicit config needs a named kernel ('gemv', 'splitk', 'gemm' or 'dequant')"
+            )
         variant = kernel
         cfg = resolve_w8a16(variant, config, m, n, k, group_size=group_size, sm_count=sms, fp32=fp32)
+    if variant == "dequant":
+        return None, cfg, 0, 0
     gs = int(group_size or 0)
     k_per_split, split, even_k = _split_plan(k, cfg.block_k, cfg.split_k)
     if variant == "gemv":
@@ -731,7 +767,8 @@ def w8a16_linear(
         scale: fp32 ``[N]`` (per channel) or ``[N, ceil(K / group_size)]`` (per group).
         bias: ``[N]`` or ``None``.
         group_size: size of the K groups of ``scale`` (a multiple of 16), or ``None``.
-        kernel: ``"auto"``, ``"gemv"``, ``"splitk"`` or ``"gemm"``.
+        kernel: ``"auto"``, ``"gemv"``, ``"splitk"``, ``"gemm"`` or ``"dequant"`` (the module
+            ``int8_config`` describes each).
         config: explicit tiles for ``kernel`` (the benchmark sweep and the tests use this);
             requires a named kernel.
 
@@ -759,6 +796,8 @@ def w8a16_linear(
         plan = _remember(key, _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config,
                                           index))
     site, k_per_split, split, tiles = plan
+    if site is None:  # the dequant variant: k_per_split holds its DequantConfig
+        return _dequant_linear(x, weight, scale, bias, group_size, k_per_split)
     # new_empty: the cheapest allocation call here (torch.empty(..., device=) parses the device each time)
     out = x.new_empty((m, n))
     if split > 1:
@@ -783,6 +822,81 @@ def w8a16_linear(
             site(args, spec)
     else:
         site(args, spec)
+    return out
+
+
+def dequantize_weight(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+    config: DequantConfig | None = None,
+) -> torch.Tensor:
+    """``weight[N, K] * scale`` in ``dtype`` with one memory-bound kernel (1 byte read, 2 written).
+
+    Args:
+        weight: int8 ``[N, K]`` with unit stride along K (any row stride).
+        scale: fp32 ``[N]`` (per channel) or ``[N, ceil(K / group_size)]`` (per group).
+        group_size: the K-group size of ``scale``, or ``None``.
+        dtype: fp16, bf16 or fp32; each value is ``q * s`` in fp32 rounded once to ``dtype``, as
+            ``reference.int8.dequantize_weight_reference(weight, scale, group_size).to(dtype)``.
+        out: optional contiguous ``[N, K]`` destination of ``dtype``.
+        config: tiles; ``int8_config.DEQUANT_DEFAULT`` clamped to the shape when ``None``.
+
+    Returns:
+        ``out`` or a new contiguous ``[N, K]`` tensor.
+
+    Example:
+        >>> # w = dequantize_weight(q, s, dtype=torch.bfloat16)    # q: int8 [N, K] on a GPU
+    """
+    n, k = weight.shape
+    if out is None:
+        out = torch.empty((n, k), device=weight.device, dtype=dtype)
+    if n == 0 or k == 0:
+        return out
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    cfg = resolve_w8a16("dequant", config or DEFAULTS["dequant"]["big"], 1, n, k, group_size=group_size,
+                        sm_count=1, fp32=False)
+    if scale.dim() == 2:
+        stride_sn, stride_sg = scale.stride()
+    else:
+        stride_sn, stride_sg = scale.stride(0), 0
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))
+    args = (weight, scale, out, n, k, weight.stride(0), stride_sn, stride_sg)
+    meta = {"GROUP_SIZE": int(group_size or 0), "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+    index = weight.get_device()
+    if index >= 0 and index != current_device():
+        with torch.cuda.device(index):
+            launch(_dequantize_kernel, grid, args, cfg.num_warps, **meta)
+    else:
+        launch(_dequantize_kernel, grid, args, cfg.num_warps, **meta)
+    return out
+
+
+def _dequant_linear(x, weight, scale, bias, group_size, cfg: DequantConfig) -> torch.Tensor:
+    """The dequant variant: the weight dequantized in column chunks of at most
+    ``DEQUANT_MAX_BUFFER_BYTES`` into one reused buffer, each chunk multiplied by cuBLAS into its
+    columns of the output (``addmm`` with the bias, in ``x``'s dtype)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    chunk = max(1, min(n, int8_config.DEQUANT_MAX_BUFFER_BYTES // max(1, k * x.element_size())))
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if chunk >= n:
+        w = dequantize_weight(weight, scale, group_size, x.dtype, config=cfg)
+        return torch.nn.functional.linear(x, w, bias)
+    out = x.new_empty((m, n))
+    buf = x.new_empty((chunk, k))
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        w = dequantize_weight(weight[n0:n1], scale[n0:n1], group_size, x.dtype, out=buf[: n1 - n0],
+                              config=cfg)
+        if bias is None:
+            torch.mm(x, w.t(), out=out[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x, w.t(), out=out[:, n0:n1])
     return out
 
 

@@ -192,27 +192,34 @@ class SwiGLULaunchConfig:
             raise ValueError(f"SwiGLULaunchConfig.programs_per_sm must be >= 0, got {self.programs_per_sm}")
 
 
-# Rows: (max_cols or None, min_elements, widest BLOCK_N, elements per tile, num_warps); the first row
-# whose bounds hold (cols <= max_cols, rows * cols >= min_elements) wins. From launch-configuration
-# sweeps on an H100 (bf16, `benchmarks/bench_swiglu.py --sweep`):
+# Rows: (max_cols or None, min_elements, widest BLOCK_N, elements per tile, num_warps, flat); the first
+# row whose bounds hold (cols <= max_cols, rows * cols >= min_elements) wins. ``flat``: contiguous
+# operands are tiled as one long row of ``elements``-element tiles (no partial column tiles); strided
+# ones use the row's 2-D tiles. From launch-configuration sweeps on an H100 (bf16,
+# `benchmarks/bench_swiglu.py --sweep`, and `scripts/store_hint_variants.py`):
 #   forward  16384x14336: 16x512 tiles, 16 warps  (3,039 GB/s; 8192-element tiles on 16 warps all
-#            within 0.1%);  4096x11008: 2x1024 tiles, 8 warps (2,848 GB/s, partial last column tile).
+#            within 0.1%);  4096x11008: flat 2048-element tiles, 8 warps (2,857-2,860 GB/s in three
+#            variants of the kernel against 2,832 for 2x1024 tiles with a partial last column tile,
+#            store-hint-variants-h100-80gb-hbm3-2026-12-06).
 #   backward 16384x14336: 4x4096 tiles, 16 warps (3,031 GB/s);  4096x11008: 4x2048, 16 warps (2,923).
 # Large activations take bigger tiles (fewer programs, more bytes in flight per thread); medium ones
-# smaller tiles, so the grid still has many waves of programs.
+# smaller tiles, so the grid still has many waves of programs. BACKWARD_H_TABLE serves the backward
+# that also stores the recomputed activation (the feed-forward block's: 3 reads, 3 writes, in place).
 LARGE_ELEMENTS = 1 << 26
-FORWARD_TABLE: tuple[tuple[int | None, int, int, int, int], ...] = (
-    (256, 0, 256, 2048, 4),
-    (1024, 0, 1024, 4096, 4),
-    (None, LARGE_ELEMENTS, 512, 8192, 16),
-    (None, 0, 1024, 2048, 8),
+TableRow = tuple[int | None, int, int, int, int, bool]
+FORWARD_TABLE: tuple[TableRow, ...] = (
+    (256, 0, 256, 2048, 4, False),
+    (1024, 0, 1024, 4096, 4, False),
+    (None, LARGE_ELEMENTS, 512, 8192, 16, False),
+    (None, 0, 1024, 2048, 8, True),
 )
-BACKWARD_TABLE: tuple[tuple[int | None, int, int, int, int], ...] = (
-    (256, 0, 256, 2048, 4),
-    (1024, 0, 1024, 4096, 4),
-    (None, LARGE_ELEMENTS, 4096, 16384, 16),
-    (None, 0, 2048, 8192, 16),
+BACKWARD_TABLE: tuple[TableRow, ...] = (
+    (256, 0, 256, 2048, 4, False),
+    (1024, 0, 1024, 4096, 4, False),
+    (None, LARGE_ELEMENTS, 4096, 16384, 16, False),
+    (None, 0, 2048, 8192, 16, False),
 )
+BACKWARD_H_TABLE: tuple[TableRow, ...] = BACKWARD_TABLE
 # BLOCK_N starts at the table's width (capped by the row) and is halved, down to MIN_BLOCK_N, while a
 # partial last column tile would leave more than MAX_COLUMN_WASTE of the lanes idle. Masked lanes move
 # no data; the sweeps found partial tiles of up to 1/7 idle lanes (14336 = 3.5 x 4096) no slower.
@@ -230,24 +237,33 @@ def _next_power_of_2(n: int) -> int:
 
 def _pick(table, n_rows: int, n_cols: int) -> SwiGLULaunchConfig:
     size = n_rows * n_cols
-    _, _, widest, elements, num_warps = next(
+    _, _, widest, elements, num_warps, flat = next(
         row for row in table if (row[0] is None or n_cols <= row[0]) and size >= row[1]
     )
     block_n = min(widest, _next_power_of_2(n_cols))
     while block_n > MIN_BLOCK_N and _cdiv(n_cols, block_n) * block_n > n_cols * (1 + MAX_COLUMN_WASTE):
         block_n //= 2
     block_m = max(1, min(elements // block_n, _next_power_of_2(n_rows)))
-    return SwiGLULaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps)
+    if flat and block_m * block_n != elements:  # a short problem's clamped tile: keep its size
+        flat = False
+    return SwiGLULaunchConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, flat=flat)
 
 
 def forward_config(n_rows: int, n_cols: int) -> SwiGLULaunchConfig:
-    """Launch configuration of the forward kernel for a ``[n_rows, n_cols]`` activation."""
+    """Launch configuration of the forward kernel for a ``[n_rows, n_cols]`` activation.
+
+    Example:
+        >>> c = forward_config(16384, 14336)
+        >>> (c.block_m, c.block_n, c.num_warps, c.flat)
+        (16, 512, 16, False)
+    """
     return _pick(FORWARD_TABLE, n_rows, n_cols)
 
 
-def backward_config(n_rows: int, n_cols: int) -> SwiGLULaunchConfig:
-    """Launch configuration of the backward kernel for a ``[n_rows, n_cols]`` activation."""
-    return _pick(BACKWARD_TABLE, n_rows, n_cols)
+def backward_config(n_rows: int, n_cols: int, store_h: bool = False) -> SwiGLULaunchConfig:
+    """Launch configuration of the backward kernel for a ``[n_rows, n_cols]`` activation; ``store_h``:
+    the variant that also stores the recomputed activation (``BACKWARD_H_TABLE``)."""
+    return _pick(BACKWARD_H_TABLE if store_h else BACKWARD_TABLE, n_rows, n_cols)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,23 +300,33 @@ def _make_plan(config: SwiGLULaunchConfig, n_rows: int, n_cols: int, device_inde
 
 
 # Launch sites of the table's configurations, one per distinct problem (kernel kind, shape, strides,
-# column offsets, dtypes, device): a repeated call costs one dictionary lookup and a direct launch.
-# Table configurations are never persistent, so a plan does not depend on the SM count. Bounded:
-# cleared when a workload cycles through very many shapes.
-_SITES: dict[tuple, KernelLaunch] = {}
+# column offsets, dtypes, device), each with the integer arguments it is launched with (a flat site's
+# differ from the caller's): a repeated call costs one dictionary lookup and a direct launch. Table
+# configurations are never persistent, so a plan does not depend on the SM count. Bounded: cleared
+# when a workload cycles through very many shapes.
+_SITES: dict[tuple, tuple[KernelLaunch, tuple]] = {}
 _MAX_SITES = 4096
 
 
-def _new_site(key: tuple, kernel, store_h: bool | None, n_rows: int, n_cols: int,
-              device: int) -> KernelLaunch:
-    """A launch site for the table's configuration; ``store_h`` is ``None`` for the forward kernel."""
-    config = forward_config(n_rows, n_cols) if store_h is None else backward_config(n_rows, n_cols)
+def _new_site(key: tuple, kernel, store_h: bool | None, ints: tuple, contiguous: bool,
+              device: int) -> tuple[KernelLaunch, tuple]:
+    """``(site, integer arguments)`` for the table's configuration; ``store_h`` is ``None`` for the
+    forward kernel; ``ints`` starts with ``(n_rows, n_cols)``, then the row strides and column offsets.
+
+    ``contiguous``: every operand has row stride ``n_cols`` and no column offset, so a ``flat``
+    configuration tiles the problem as one row: the integer arguments become ``(1, n_rows * n_cols)``
+    followed by the unchanged strides (a single row never uses them) and offsets (zero)."""
+    n_rows, n_cols = ints[:2]
+    config = forward_config(n_rows, n_cols) if store_h is None else backward_config(n_rows, n_cols, store_h)
+    if config.flat and contiguous:
+        config, n_rows, n_cols = _flattened(config, n_rows, n_cols)
+        ints = (n_rows, n_cols, *ints[2:])
     grid, num_warps, meta = _make_plan(config, n_rows, n_cols, device, store_h)
-    site = KernelLaunch(kernel, grid, num_warps, device=device, **meta)
+    entry = (KernelLaunch(kernel, grid, num_warps, device=device, **meta), ints)
     if len(_SITES) >= _MAX_SITES:
         _SITES.clear()
-    _SITES[key] = site
-    return site
+    _SITES[key] = entry
+    return entry
 
 
 def _flattened(config: SwiGLULaunchConfig, n_rows: int, n_cols: int) -> tuple[SwiGLULaunchConfig, int, int]:
@@ -329,9 +355,14 @@ def swiglu_forward_rows(
     device = gate.get_device()
     switch = device >= 0 and device != current_device()
     if config is None:
-        args = (gate, up, out, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col)
-        key = (None, args[3:], gate.dtype, up.dtype, out.dtype, device)
-        site = _SITES.get(key) or _new_site(key, _swiglu_forward_kernel, None, n_rows, n_cols, device)
+        ints = (n_rows, n_cols, stride_gate, stride_up, stride_out, up_col)
+        key = (None, ints, gate.dtype, up.dtype, out.dtype, device)
+        entry = _SITES.get(key)
+        if entry is None:
+            contiguous = up_col == 0 and stride_gate == stride_up == stride_out == n_cols
+            entry = _new_site(key, _swiglu_forward_kernel, None, ints, contiguous, device)
+        site, ints = entry
+        args = (gate, up, out, *ints)
         # the rest of what Triton specializes on: the operands' 16-byte alignment
         align = (gate.data_ptr() & 15) | (up.data_ptr() & 15) << 4 | (out.data_ptr() & 15) << 8
         if switch:
@@ -369,11 +400,21 @@ def swiglu_backward_rows(
     device = gate.get_device()
     switch = device >= 0 and device != current_device()
     if config is None:
-        args = (grad_out, gate, up, grad_gate, grad_up, h_out, n_rows, n_cols, stride_grad_out, stride_gate,
-                stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col)
-        key = (store_h, args[6:], grad_out.dtype, gate.dtype, up.dtype, grad_gate.dtype, grad_up.dtype,
+        ints = (n_rows, n_cols, stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up,
+                stride_h, up_col, grad_up_col)
+        key = (store_h, ints, grad_out.dtype, gate.dtype, up.dtype, grad_gate.dtype, grad_up.dtype,
                h_out.dtype, device)
-        site = _SITES.get(key) or _new_site(key, _swiglu_backward_kernel, store_h, n_rows, n_cols, device)
+        entry = _SITES.get(key)
+        if entry is None:
+            strides = (stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up)
+            contiguous = (
+                up_col == grad_up_col == 0
+                and all(stride == n_cols for stride in strides)
+                and (stride_h == n_cols or not store_h)
+            )
+            entry = _new_site(key, _swiglu_backward_kernel, store_h, ints, contiguous, device)
+        site, ints = entry
+        args = (grad_out, gate, up, grad_gate, grad_up, h_out, *ints)
         align = (
             (grad_out.data_ptr() & 15) | (gate.data_ptr() & 15) << 4 | (up.data_ptr() & 15) << 8
             | (grad_gate.data_ptr() & 15) << 12 | (grad_up.data_ptr() & 15) << 16
