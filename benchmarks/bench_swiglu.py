@@ -334,14 +334,32 @@ def sweep_candidates(n_cols: int):
 SWEEP_KINDS = ("fwd", "bwd", "bwd_h", "bwd_h_packed")
 
 
-def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) -> list[str]:
+def parse_configs(text: str):
+    """``BMxBNxW`` (2-D tiles) or ``flatNxW`` (contiguous operands as one row of N-element tiles) items,
+    comma-separated, as launch configurations."""
+    from rotalabs_accel.triton_kernels.swiglu import SwiGLULaunchConfig
+
+    out = []
+    for item in text.split(","):
+        if item.startswith("flat"):
+            elements, warps = (int(v) for v in item[4:].split("x"))
+            out.append(SwiGLULaunchConfig(1, elements, warps, flat=True))
+        else:
+            bm, bn, warps = (int(v) for v in item.split("x"))
+            out.append(SwiGLULaunchConfig(bm, bn, warps))
+    return out
+
+
+def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int,
+                configs: list | None = None) -> list[str]:
     """Sweep launch configurations; ``shapes`` is a list of ``((m, n), kinds)``.
 
     Kinds: ``fwd`` / ``bwd`` (the activation's kernels, separate contiguous operands), ``bwd_h`` (the
     feed-forward block's backward: in place over ``gate``, ``up`` and ``grad_out``, also storing the
     recomputed activation: 3 reads, 3 writes) and ``bwd_h_packed`` (the same over one ``[m, 2n]``
     gate|up buffer, as with fused_gate_up). In-place kinds rewrite their inputs on every run; the
-    values drift, the traffic does not.
+    values drift, the traffic does not. ``configs``: time these (and the table's choice) only, instead
+    of the candidate grid and its second stage.
     """
     from dataclasses import replace
 
@@ -390,9 +408,11 @@ def bench_sweep(shapes, rows: list[Row], ceiling: float, warmup: int, rep: int) 
 
             t0 = time.time()
             measure(default)
-            for config in sweep_candidates(n):
+            for config in configs or sweep_candidates(n):
+                if kind == "bwd_h_packed" and config.flat:
+                    continue  # strided halves: a flat config would run as its 2-D tile anyway
                 measure(config)
-            top = sorted(results, key=results.get)[:3]
+            top = [] if configs else sorted(results, key=results.get)[:3]
             for config in top:  # second stage: cache hint, flat tiling, persistent grids around the best
                 measure(replace(config, evict_first=not config.evict_first))
                 measure(replace(config, flat=not config.flat))
@@ -475,6 +495,9 @@ def main() -> None:
                              "block's activation (bwd_h, bwd_h_packed)")
     parser.add_argument("--sweep-kinds", default=",".join(SWEEP_KINDS),
                         help=f"kinds swept with --sweep-shapes (of {', '.join(SWEEP_KINDS)})")
+    parser.add_argument("--sweep-configs", default=None,
+                        help="time only these configurations, e.g. 4x4096x16,2x4096x16,flat8192x16 "
+                             "(BMxBNxWARPS or flatELEMENTSxWARPS)")
     args = parser.parse_args()
     require_cuda()
     parts = set(args.only.split(",")) if args.only else {"act", "ffn"} | ({"sweep"} if args.sweep else set())
@@ -515,7 +538,8 @@ def main() -> None:
         else:
             plan = [(shape, ("fwd", "bwd")) for shape in act_shapes]
             plan.append(((ffn_shape[0], ffn_shape[2]), ("bwd_h", "bwd_h_packed")))
-        notes += bench_sweep(plan, rows, copy_gbps, 10, 50)
+        configs = parse_configs(args.sweep_configs) if args.sweep_configs else None
+        notes += bench_sweep(plan, rows, copy_gbps, 10, 50, configs)
     notes += target_notes(rows)
     for line in notes:
         log("  " + line)
