@@ -248,8 +248,39 @@ def ffn_step(module: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
     return step
 
 
+GEMM_KERNEL_MARKS = ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce")
+
+
+def kernel_times(step) -> tuple[list[tuple[str, float, int]], float]:
+    """GPU time of each kernel of one ``step()`` (``torch.profiler``), as ``(name, us, calls)`` largest
+    first, and their sum in us. The step runs once before, and the profiled one starts from a synced GPU."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    total: dict[str, float] = collections.defaultdict(float)
+    count: collections.Counter = collections.Counter()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            count[ev.name] += 1
+    kernels = sorted(((name, us, count[name]) for name, us in total.items()), key=lambda r: -r[1])
+    return kernels, sum(total.values())
+
+
+def gemm_split(kernels) -> tuple[float, float]:
+    """``(GEMM us, other us)`` of :func:`kernel_times`'s list (cuBLAS kernels by name)."""
+    gemm = sum(us for name, us, _ in kernels if any(m in name.lower() for m in GEMM_KERNEL_MARKS))
+    return gemm, sum(us for _, us, _ in kernels) - gemm
+
+
 def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int,
-              rounds: int = FFN_ROUNDS) -> None:
+              rounds: int = FFN_ROUNDS, copy_gbps: float | None = None) -> None:
     """Each implementation's step is timed in ``rounds`` interleaved rounds (A, B, C, ..., then again)
     and the median round counts: the block runs its GEMMs at the card's power limit for seconds on end,
     and timing each implementation once, one after the other, would hand any clock drift to whichever
@@ -290,18 +321,36 @@ def bench_ffn(shape, rows: list[Row], notes: list[str], warmup: int, rep: int,
     for _ in range(rounds):
         for name, step in steps.items():
             times[name].append(bench_ms(step, warmup=warmup, rep=rep))
+    split = {name: gemm_split(kernel_times(step)[0]) for name, step in steps.items()}
     for name in steps:
         ms = sorted(times[name])[len(times[name]) // 2]
         peak_mib, err = checks[name]
         spread = ", ".join(f"{t:.3f}" for t in times[name])
+        gemm_us, other_us = split[name]
         rows.append(Row("swiglu_ffn_fwdbwd", name, [tokens, hidden, inter], ms, TFLOPs=flops / ms / 1e9,
                         note=f"peak {peak_mib:,.0f} MiB above inputs; out rel err vs hf {err:.1e}; "
-                             f"rounds {spread} ms",
-                        extra={"peak_MiB_over_base": round(peak_mib, 1), "rounds_ms": times[name]}))
+                             f"rounds {spread} ms; one profiled step: GEMMs {gemm_us / 1e3:.3f} ms, "
+                             f"other kernels {other_us:,.0f} us",
+                        extra={"peak_MiB_over_base": round(peak_mib, 1), "rounds_ms": times[name],
+                               "profiled_gemm_us": round(gemm_us, 1),
+                               "profiled_other_us": round(other_us, 1)}))
         log(f"  ffn {name:32s} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s  peak {peak_mib:7.0f} MiB  "
             f"err {err:.1e}  rounds {spread}")
     notes.append(f"FFN rows: median of {rounds} interleaved rounds (every implementation once per round, in "
-                 "table order), each round a do_bench median.")
+                 "table order), each round a do_bench median. GEMM / other kernel times: one step under "
+                 "torch.profiler from a synced GPU (cooler clocks than the sustained timed rounds).")
+    hf, ours = split.get("hf LlamaMLP"), split.get("rotalabs SwiGLU")
+    if hf and ours and copy_gbps:
+        # the activation's least traffic: forward 3 passes, backward 6 (3 reads, 2 gradients and the
+        # recomputed activation), at the measured copy rate
+        floor_us = 9 * tokens * inter * ELT / copy_gbps / 1e3
+        bound = sum(hf) / (ours[0] + floor_us)
+        notes.append(
+            f"FFN bound: in the profiled step hf LlamaMLP's kernels take {sum(hf) / 1e3:.3f} ms (GEMMs "
+            f"{hf[0] / 1e3:.3f}), rotalabs SwiGLU's {sum(ours) / 1e3:.3f} ms (GEMMs {ours[0] / 1e3:.3f}, "
+            f"activation and the rest {ours[1]:,.0f} us); the activation's 9 passes at the copy ceiling "
+            f"take {floor_us:,.0f} us, so with these cuBLAS GEMMs the block can be at most {bound:.3f}x "
+            "faster than hf in GPU time")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +575,7 @@ def main() -> None:
         bench_small(SMALL_SHAPE, rows, notes, warmup, rep, 200 if args.quick else 2000)
     if "ffn" in parts:
         log("feed-forward block:")
-        bench_ffn(ffn_shape, rows, notes, warmup, rep)
+        bench_ffn(ffn_shape, rows, notes, warmup, rep, copy_gbps=copy_gbps)
     if "sweep" in parts:
         log("sweep:")
         if args.sweep_shapes:

@@ -32,24 +32,6 @@ import bench_swiglu  # noqa: E402
 from common import environment, write_diagnostic  # noqa: E402
 
 
-def kernel_times(step) -> tuple[list[tuple[str, float, int]], float]:
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    total = collections.defaultdict(float)
-    count = collections.Counter()
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            count[ev.name] += 1
-    rows = sorted(((name, us, count[name]) for name, us in total.items()), key=lambda r: -r[1])
-    return rows, sum(total.values())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -72,7 +54,7 @@ def main() -> None:
             times[name].append(triton.testing.do_bench(step, warmup=25, rep=400, return_mode="median"))
     impls = {}
     for name, step in steps.items():
-        kernels, gpu_us = kernel_times(step)
+        kernels, gpu_us = bench_swiglu.kernel_times(step)
         med = statistics.median(times[name])
         impls[name] = {"rounds_ms": times[name], "median_ms": med, "kernel_sum_us": gpu_us,
                                  "kernels": [{"name": n, "us": us, "calls": c} for n, us, c in kernels]}
