@@ -171,11 +171,12 @@ def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
                 notes.append(f"{name} M={m} N={n} K={k} failed: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             times[name] = ms_
-            quant_only = name == "ours_w8a8_quant_only"
-            tflops = None if quant_only else flops / ms_ / 1e9
-            # the quantizer moves 3 bytes per activation (bf16 in, int8 out)
-            gbps = (m * k * 3 if quant_only else wbytes) / ms_ / 1e6
-            if m <= 16:
+            # components of a product (no FLOPs of their own), by the bytes they move: the quantizer 3
+            # per activation (bf16 in, int8 out), the dequantizer 3 per weight element (int8 in, bf16 out)
+            component = {"ours_w8a8_quant_only": m * k * 3, "ours_dequantize_weight_only": n * k * 3}
+            tflops = None if name in component else flops / ms_ / 1e9
+            gbps = component.get(name, wbytes) / ms_ / 1e6
+            if m <= 16 or name in component:
                 pct = 100 * gbps / ceilings["copy_GBps"]
             else:
                 key = "gemm_int8_TOPs" if ceil_kind == "int8" else "gemm_bf16_TFLOPs"
@@ -188,6 +189,8 @@ def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
                 if r.shape == [m, n, k] and r.impl in times:
                     r.extra["speedup_vs_cublas_bf16"] = round(base / r.ms, 3)
                     r.note = f"{base / r.ms:.2f}x cuBLAS"
+                    if r.impl.endswith("_only"):
+                        r.note = f"a component: {r.ms / base:.1%} of cuBLAS's time; GB/s of its own bytes"
             speedups[(m, n, k)] = {name: base / t for name, t in times.items()}
         summary = ", ".join(f"{nm} {t * 1e3:.1f}us" for nm, t in sorted(times.items(), key=lambda kv: kv[1]))
         print(f"M={m:5d} N={n:5d} K={k:5d}: {summary}", flush=True)

@@ -210,6 +210,8 @@ def test_launch_heuristics_are_well_formed():
     assert k.forward_config(4096, 11008) == Config(block_m=2, block_n=1024, num_warps=8, flat=True)
     assert not k.forward_config(1, 11008).flat  # a clamped tile (1 x 1024) keeps its 2-D shape
     assert k.backward_config(16384, 14336) == Config(block_m=4, block_n=4096, num_warps=16)
+    # the feed-forward block's backward (also storing the activation): 16 elements per thread, no spill
+    assert k.backward_config(8192, 14336, store_h=True) == Config(block_m=4, block_n=2048, num_warps=16)
     assert k.backward_config(4096, 11008) == Config(block_m=4, block_n=2048, num_warps=16)
     with pytest.raises(ValueError, match="block_n"):
         k.SwiGLULaunchConfig(block_m=1, block_n=48, num_warps=4)

@@ -142,10 +142,11 @@ class QuantConfig:
     num_warps: int = 4
 
 
-# "auto" picks the dequant variant from this many rows on (below it the tensor-core kernel's reading of
-# the int8 weight costs less than writing and re-reading a dequantized copy), and the transient buffer of
-# dequantized weight holds at most this many bytes (a wider weight runs in column chunks).
-DEQUANT_MIN_ROWS = 2048
+# "auto" picks the dequant variant from this many rows on, and the transient buffer of dequantized
+# weight holds at most this many bytes (a wider weight runs in column chunks). From 1536 rows on the
+# dequant variant was faster than the tensor-core kernel at all three benchmark weight shapes, at 1024
+# at one of three (H100, bf16; benchmarks/results/sweeps/int8-dequant-crossover-h100-80gb-hbm3-2026-12-06).
+DEQUANT_MIN_ROWS = 1536
 DEQUANT_MAX_BUFFER_BYTES = 256 << 20
 
 AUTO_KERNEL: dict[str, str] = {

@@ -219,7 +219,16 @@ BACKWARD_TABLE: tuple[TableRow, ...] = (
     (None, LARGE_ELEMENTS, 4096, 16384, 16, False),
     (None, 0, 2048, 8192, 16, False),
 )
-BACKWARD_H_TABLE: tuple[TableRow, ...] = BACKWARD_TABLE
+# With the recomputed activation stored too, a 4 x 4096 tile on 16 warps (32 elements per thread) hits
+# the 128-register cap of 512-thread programs and spills (ptxas, sm_90): 2,585 GB/s at the feed-forward
+# block's 8192x14336 against 2,983 for 4 x 2048 (2,989 over a packed gate|up buffer), which keeps 16
+# elements per thread (benchmarks/results/sweeps/swiglu-sweep-bwd-h-h100-80gb-hbm3-2026-12-06).
+BACKWARD_H_TABLE: tuple[TableRow, ...] = (
+    (256, 0, 256, 2048, 4, False),
+    (1024, 0, 1024, 4096, 4, False),
+    (None, LARGE_ELEMENTS, 2048, 8192, 16, False),
+    (None, 0, 2048, 8192, 16, False),
+)
 # BLOCK_N starts at the table's width (capped by the row) and is halved, down to MIN_BLOCK_N, while a
 # partial last column tile would leave more than MAX_COLUMN_WASTE of the lanes idle. Masked lanes move
 # no data; the sweeps found partial tiles of up to 1/7 idle lanes (14336 = 3.5 x 4096) no slower.
