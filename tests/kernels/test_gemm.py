@@ -310,10 +310,11 @@ def test_dequant_variant_runs_wide_weights_in_column_chunks(device, bias, monkey
     from rotalabs_accel.triton_kernels import int8_config
     from rotalabs_accel.triton_kernels import int8_gemm as kernels
 
-    x, q, s, b = _problem(9, 70, 48, torch.bfloat16, bias=bias, device=device)
+    x, q, s, b = _problem(9, 1100, 48, torch.bfloat16, bias=bias, device=device)
     whole = kernels.w8a16_linear(x, q, s, b, None, "dequant")
-    # 16 rows of 48 bf16 per chunk: chunks of 16, 16, 16, 16 and 6 columns
-    monkeypatch.setattr(int8_config, "DEQUANT_MAX_BUFFER_BYTES", 16 * 48 * 2 + 5)
+    # room for 300 rows of 48 bf16: chunks are whole multiples of 256 columns (aligned column slices
+    # of the output), so 256, 256, 256, 256 and the last 76
+    monkeypatch.setattr(int8_config, "DEQUANT_MAX_BUFFER_BYTES", 300 * 48 * 2)
     sizes = []
     real = kernels.dequantize_weight
 
@@ -323,8 +324,8 @@ def test_dequant_variant_runs_wide_weights_in_column_chunks(device, bias, monkey
 
     monkeypatch.setattr(kernels, "dequantize_weight", recording)
     chunked = kernels.w8a16_linear(x, q, s, b, None, "dequant")
-    assert sizes == [16, 16, 16, 16, 6]
-    assert chunked.shape == (9, 70) and chunked.is_contiguous()
+    assert sizes == [256, 256, 256, 256, 76]
+    assert chunked.shape == (9, 1100) and chunked.is_contiguous()
     _check_w8a16(chunked, x, q, s, b)
     torch.testing.assert_close(chunked, whole, rtol=2**-7, atol=1e-3)
 

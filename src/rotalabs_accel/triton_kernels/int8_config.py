@@ -143,7 +143,8 @@ class QuantConfig:
 
 
 # "auto" picks the dequant variant from this many rows on, and the transient buffer of dequantized
-# weight holds at most this many bytes (a wider weight runs in column chunks). From 1536 rows on the
+# weight holds at most this many bytes (a wider weight runs in column chunks, whole multiples of 256
+# columns and never fewer). From 1536 rows on the
 # dequant variant was faster than the tensor-core kernel at all three benchmark weight shapes, at 1024
 # at one of three (H100, bf16; benchmarks/results/sweeps/int8-dequant-crossover-h100-80gb-hbm3-2026-12-06).
 DEQUANT_MIN_ROWS = 1536

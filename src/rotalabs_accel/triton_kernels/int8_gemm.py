@@ -881,7 +881,11 @@ def _dequant_linear(x, weight, scale, bias, group_size, cfg: DequantConfig) -> t
     columns of the output (``addmm`` with the bias, in ``x``'s dtype)."""
     m, k = x.shape
     n = weight.shape[0]
-    chunk = max(1, min(n, int8_config.DEQUANT_MAX_BUFFER_BYTES // max(1, k * x.element_size())))
+    # Chunks of whole multiples of 256 columns: a chunk's output columns then start 512-byte aligned;
+    # cuBLAS slowed 3-8x on unaligned column slices (K = 14336 with 16-64 MiB buffers, H100,
+    # benchmarks/results/sweeps/int8-dequant-experiments-h100-80gb-hbm3-2026-12-06).
+    rows = int8_config.DEQUANT_MAX_BUFFER_BYTES // max(1, k * x.element_size())
+    chunk = min(n, max(256, rows // 256 * 256))
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if chunk >= n:
