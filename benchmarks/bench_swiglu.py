@@ -516,6 +516,10 @@ def target_notes(rows: list[Row]) -> list[str]:
         speedup = hf.ms / ours.ms
         line = (f"target FFN {name}: {ours.ms:.3f} ms, {speedup:.3f}x vs hf LlamaMLP "
                 f"({'met' if speedup >= TARGET_FFN_SPEEDUP_VS_HF else 'MISSED'} {TARGET_FFN_SPEEDUP_VS_HF}x)")
+        compiled = ffn.get("hf LlamaMLP + torch.compile")
+        if compiled is not None:
+            line += (f"; vs hf LlamaMLP + torch.compile {compiled.ms / ours.ms:.3f}x "
+                     f"({'faster' if ours.ms < compiled.ms else 'SLOWER'})")
         if liger is not None:
             mem_ours, mem_liger = ours.extra["peak_MiB_over_base"], liger.extra["peak_MiB_over_base"]
             faster = "faster" if ours.ms < liger.ms else "SLOWER"
