@@ -89,7 +89,8 @@ class GemvConfig:
     Each program streams a ``[block_n, block_k]`` int8 tile per step through a ``num_stages``-deep
     pipeline; ``split_k`` programs share each row of W, their fp32 partial sums reduced in a fixed order
     by the tile's last program (0: chosen from the shape). Loads are 16 bytes wide when
-    ``block_n * block_k >= 16 * 32 * num_warps``.
+    ``block_n * block_k >= 16 * 32 * num_warps``. ``prefetch`` issues the loads of the next K block
+    before the current block's multiply-adds (two blocks in registers; meant for ``num_stages=1``).
     """
 
     block_n: int
@@ -97,6 +98,7 @@ class GemvConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 4
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
