@@ -418,17 +418,14 @@ def _candidates(variant: str, m: int, best: list | None = None):
         if best:  # second pass: split-K and pipeline depth around the best tiles
             for cfg in best:
                 for split, stages in itertools.product((1, 2, 4, 8, 16), (1, 2, 3)):
-                    prefetch = cfg.prefetch and stages == 1
-                    if (split, stages, prefetch) != (cfg.split_k, cfg.num_stages, cfg.prefetch):
-                        yield GemvConfig(cfg.block_n, cfg.block_k, split, cfg.num_warps, stages, prefetch)
+                    if (split, stages) != (cfg.split_k, cfg.num_stages):
+                        yield GemvConfig(cfg.block_n, cfg.block_k, split, cfg.num_warps, stages)
             return
-        # stages 1: register loads only (the decode winner on an H100), also with the next K block
-        # prefetched into registers; 3: cp.async pipeline
-        variants = ((1, False), (1, True), (3, False)) if m == 1 else ((1, False),)
-        for (bn, bk, warps), (stages, prefetch) in itertools.product(_gemv_tiles(m), variants):
-            yield GemvConfig(bn, bk, 1, warps, stages, prefetch)
+        # stages 1: register loads only (the decode winner on an H100); 3: cp.async pipeline
+        for (bn, bk, warps), stages in itertools.product(_gemv_tiles(m), (1, 3) if m == 1 else (1,)):
+            yield GemvConfig(bn, bk, 1, warps, stages)
     elif variant in ("splitk", "gemm"):
-        splits = [1] if variant == "gemm" else ([2, 4, 8] if m <= 16 else [2, 4, 8])
+        splits = [1] if variant == "gemm" else [2, 4, 8]
         if m <= 16:
             pairs = list(itertools.product((32, 64, 128), (128, 256)))
             # stages 1-2 (register loads, the GEMV's winning structure) lost to 3-5 here on an H100

@@ -112,13 +112,6 @@ def test_w8a16_group_scales(device, kernel, group_size):
         ("gemv", dict(block_n=4, block_k=64, split_k=2, num_warps=2), 16),
         # 48 is no power of two: the block shrinks to 16, a divisor of the group
         ("gemv", dict(block_n=16, block_k=64, split_k=1, num_stages=1), 48),
-        # the next K block loaded before the current one is used (K = 96): two blocks per split,
-        # blocks of 64 covering four groups with the second block partly past K (masked), group scales
-        # with splits, one block per split (the prefetching loop runs no iteration)
-        ("gemv", dict(block_n=8, block_k=16, split_k=4, num_stages=1, prefetch=True), None),
-        ("gemv", dict(block_n=4, block_k=64, split_k=1, num_stages=1, prefetch=True), 16),
-        ("gemv", dict(block_n=8, block_k=16, split_k=3, num_stages=1, prefetch=True), 32),
-        ("gemv", dict(block_n=8, block_k=32, split_k=3, num_stages=1, prefetch=True), None),
         ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=5, swap_ab=False), None),
         ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=3, swap_ab=True), 32),
         ("gemm", dict(block_m=16, block_n=16, block_k=32, group_m=2, swap_ab=False), None),

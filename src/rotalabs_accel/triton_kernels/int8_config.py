@@ -89,8 +89,7 @@ class GemvConfig:
     Each program streams a ``[block_n, block_k]`` int8 tile per step through a ``num_stages``-deep
     pipeline; ``split_k`` programs share each row of W, their fp32 partial sums reduced in a fixed order
     by the tile's last program (0: chosen from the shape). Loads are 16 bytes wide when
-    ``block_n * block_k >= 16 * 32 * num_warps``. ``prefetch`` issues the loads of the next K block
-    before the current block's multiply-adds (two blocks in registers; meant for ``num_stages=1``).
+    ``block_n * block_k >= 16 * 32 * num_warps``.
     """
 
     block_n: int
@@ -98,7 +97,6 @@ class GemvConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 4
-    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,16 +218,21 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
 # tiles, 512-deep K steps and 2 warps among the candidates); sweep 4 = ...-sweep-m128-* (M = 128 only,
 # with deeper pipelines, 256-deep K steps and 8-warp 128-row tiles among the candidates); sweep 5 =
 # ...-sweep-splitk-one-launch-* (split-K only, M = 16 and 128, after split-K became one launch).
+# sweep 6 = ...-sweep-m1-gemv-prefetch-* (M = 1, GEMV only, 2026-12-06; also timed a variant that loaded
+# the next K block into registers before the current block's multiply-adds: slower than the plain
+# loop at all three shapes, 12.5 / 27.9 / 28.1 us against 12.2 / 27.0 / 27.4, so the kernel does not
+# have it); sweep 7 = ...-sweep-m128-splitk-wide-* (M = 128, split-K only, with 128 x 128 and
+# 128 x 256 tiles and splits up to 8 among the candidates).
 # "gemv structure run" = `scripts/gemv_variants.py` (benchmarks/results/sweeps/gemv-variants-*.json): the
 # GEMV with register loads and cache hints, whose structure replaced the pipelined one.
     ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=2, block_k=1024, split_k=1, num_warps=2, num_stages=1)),  # 12.3 us (gemv structure run)
     ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=2, block_k=2048, split_k=1, num_warps=4, num_stages=1)),  # 27.8 us (gemv structure run)
-    ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1)),  # 28.2 us (gemv structure run)
+    ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=2, num_stages=1)),  # 27.0 us (sweep 6; the earlier entry, 4 x 1024 on 4 warps: 28.0 us there)
     ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3)
     ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
     ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
     ("auto", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 24.5 us (sweep 4; split-K 4: 24.9 us)
-    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 54.9 us (sweep 5)
+    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 54.2 us (sweep 7; the earlier 128 x 64 x 64 entry: 55.0 us there)
     ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
     ("auto", "big", 4096, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=True)),  # 232.0 us (sweep 2)
     ("auto", "big", 4096, 14336): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 763.4 us (sweep 2)
@@ -259,7 +262,7 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 35.0 us (sweep 5)
     ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=32, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 34.8 us (sweep 5)
     ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 24.6 us (sweep 5)
-    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 54.9 us (sweep 5)
+    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 54.2 us (sweep 7)
     ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 63.2 us (sweep 5)
     ("w8a8", "256", 4096, 4096): ("w8a8", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 21.9 us (sweep 2)
     ("w8a8", "256", 4096, 14336): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 58.6 us (sweep 2)

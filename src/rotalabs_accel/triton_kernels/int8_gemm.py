@@ -197,34 +197,6 @@ def _splitk_fixup(
 
 
 @triton.jit
-def _gemv_load(w_ptrs, x_ptrs, k_start, k0, K, offs_k, EVEN_K: tl.constexpr):
-    """The GEMV's weight tile and activation slice at K offset ``k_start + k0`` (zeros past K)."""
-    if EVEN_K:
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, eviction_policy="evict_last")
-    else:
-        k_in = offs_k < K - k_start - k0
-        w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs, mask=k_in, other=0.0, eviction_policy="evict_last")
-    return w, x
-
-
-@triton.jit
-def _gemv_step(acc, w, x, s_ptr, rows, stride_sn, stride_sg, k_at, K,
-               GROUP_SIZE: tl.constexpr, SUB_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Adds one K block's products (the block starts at K offset ``k_at``) to the GEMV's accumulator."""
-    prod = _int8_to_f32(w) * x.to(tl.float32)[None, :]
-    if GROUP_SIZE > 0:
-        part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // SUB_K, SUB_K)), axis=2)
-        # a block past K (the tail of the last split) loaded zeros: any valid group's scale will do
-        groups = (k_at + tl.arange(0, BLOCK_K // SUB_K) * SUB_K) // GROUP_SIZE
-        groups = tl.minimum(groups, tl.cdiv(K, GROUP_SIZE) - 1)
-        s = tl.load(s_ptr + rows[:, None] * stride_sn + groups[None, :] * stride_sg)
-        return acc + part * s
-    return acc + prod
-
-
-@triton.jit
 def _w8a16_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -249,7 +221,6 @@ def _w8a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     # Rows of x vary fastest over the grid: the programs that share a weight tile run together and
     # read it from L2 rather than from memory (only a forced GEMV at M > 1 has several rows).
@@ -275,24 +246,26 @@ def _w8a16_gemv_kernel(
     # coming from the many resident programs; on an H100 this beats staging tiles through shared
     # memory with cp.async (NUM_STAGES >= 2) by 5-13% at M = 1 (scripts/gemv_variants.py). The
     # weight is read once: evict it first and keep the activation row, which every program reads.
-    # PREFETCH: the loads of step i + 1 are issued before step i's multiply-adds (the tiles of two
-    # steps in registers), so each program keeps its next tile in flight while it computes.
-    if PREFETCH:
-        w, x = _gemv_load(w_ptrs, x_ptrs, k_start, 0, K, offs_k, EVEN_K)
-        for k0 in tl.range(BLOCK_K, k_per_split, BLOCK_K, num_stages=1):
-            w_next, x_next = _gemv_load(w_ptrs + k0, x_ptrs + k0, k_start, k0, K, offs_k, EVEN_K)
-            acc = _gemv_step(acc, w, x, s_ptr, rows, stride_sn, stride_sg, k_start + k0 - BLOCK_K, K,
-                             GROUP_SIZE, SUB_K, BLOCK_N, BLOCK_K)
-            w = w_next
-            x = x_next
-        acc = _gemv_step(acc, w, x, s_ptr, rows, stride_sn, stride_sg,
-                         k_start + tl.cdiv(k_per_split, BLOCK_K) * BLOCK_K - BLOCK_K, K,
-                         GROUP_SIZE, SUB_K, BLOCK_N, BLOCK_K)
-    else:
-        for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
-            w, x = _gemv_load(w_ptrs + k0, x_ptrs + k0, k_start, k0, K, offs_k, EVEN_K)
-            acc = _gemv_step(acc, w, x, s_ptr, rows, stride_sn, stride_sg, k_start + k0, K,
-                             GROUP_SIZE, SUB_K, BLOCK_N, BLOCK_K)
+    for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, eviction_policy="evict_last")
+        else:
+            k_in = offs_k < K - k_start - k0
+            w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=k_in, other=0.0, eviction_policy="evict_last")
+        prod = _int8_to_f32(w) * x.to(tl.float32)[None, :]
+        if GROUP_SIZE > 0:
+            part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // SUB_K, SUB_K)), axis=2)
+            # a block past K (the tail of the last split) loaded zeros: any valid group's scale will do
+            groups = (k_start + k0 + tl.arange(0, BLOCK_K // SUB_K) * SUB_K) // GROUP_SIZE
+            groups = tl.minimum(groups, tl.cdiv(K, GROUP_SIZE) - 1)
+            s = tl.load(s_ptr + rows[:, None] * stride_sn + groups[None, :] * stride_sg)
+            acc += part * s
+        else:
+            acc += prod
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if GROUP_SIZE == 0:
@@ -719,7 +692,6 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
             _w8a16_gemv_kernel, (m * triton.cdiv(n, cfg.block_n), split), cfg.num_warps, cfg.num_stages,
             device=index, GROUP_SIZE=gs, SUB_K=sub_k, HAS_BIAS=has_bias, EVEN_K=even_k,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-            PREFETCH=cfg.prefetch,
         )
     else:
         assert isinstance(cfg, DotConfig)
