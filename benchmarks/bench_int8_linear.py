@@ -446,13 +446,13 @@ def _candidates(variant: str, m: int, best: list | None = None):
                 (128, 64, 64, 8, 5), (64, 128, 128, 4, 3), (128, 32, 256, 4, 3), (64, 32, 256, 4, 4),
             ) for sw in (True, False)]
             if variant == "splitk":
-                tiles = [t for t in tiles if t[:3] in (
-                    (64, 64, 128), (128, 64, 64), (64, 128, 64), (128, 32, 128), (64, 32, 256))]
-                # wide weight tiles over all 128 rows (x re-read from L2 once per 128 or 256 columns
-                # rather than per 64), their programs made up by splitting K 4 or 8 ways
+                # also wide weight tiles over all 128 rows (x re-read from L2 once per 128 or 256
+                # columns rather than per 64), their programs made up by splitting K 4 or 8 ways
                 tiles += [(bm, bn, bk, w, st, sw) for (bm, bn, bk, w, st) in (
-                    (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-                ) for sw in (True, False)]
+                    (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)) for sw in (True, False)]
+                tiles = [t for t in tiles if t[:3] in (
+                    (64, 64, 128), (128, 64, 64), (64, 128, 64), (128, 32, 128), (64, 32, 256),
+                    (128, 128, 64), (128, 128, 128), (128, 256, 64))]
         else:
             if variant == "splitk":
                 return
