@@ -400,7 +400,9 @@ def _gemv_tiles(m: int):
     tiles = []
     for warps in (2, 4, 8):
         for bn in (1, 2, 4, 8, 16, 32, 64):
-            for bk in (128, 256, 512, 1024, 2048):
+            # 4096: all of K = 4096 in one step, the tiling of the fastest read-only kernel of
+            # scripts/gemv_variants.py at N = 14336 (benchmarks/results/sweeps/gemv-variants-*)
+            for bk in (128, 256, 512, 1024, 2048, 4096):
                 if 512 * warps <= bn * bk <= 2048 * warps:
                     tiles.append((bn, bk, warps))
     return tiles
@@ -453,6 +455,12 @@ def _candidates(variant: str, m: int, best: list | None = None):
                 tiles = [t for t in tiles if t[:3] in (
                     (64, 64, 128), (128, 64, 64), (64, 128, 64), (128, 32, 128), (64, 32, 256),
                     (128, 128, 64), (128, 128, 128), (128, 256, 64))]
+            # TMA-fed loads (DotConfig.tma): the tiles of scripts/int8_tma_variants.py's best
+            # (benchmarks/results/sweeps/int8-tma-variants-*), and their neighbours
+            tma_tiles = [(bm, bn, bk, w, st, sw) for (bm, bn, bk, w, st) in (
+                (128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (128, 64, 128, 4, 3),
+                (64, 128, 128, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 6),
+            ) for sw in (True, False)]
         else:
             if variant == "splitk":
                 return
@@ -462,6 +470,9 @@ def _candidates(variant: str, m: int, best: list | None = None):
             ) for sw in (True, False)]
         for (bm, bn, bk, warps, stages, swap), split in itertools.product(tiles, splits):
             yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap)
+        if 16 < m <= 256:
+            for (bm, bn, bk, warps, stages, swap), split in itertools.product(tma_tiles, splits):
+                yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap, tma=True)
     elif variant == "w8a8":
         if m <= 256:
             tiles = [(64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 256, 128, 8, 4), (128, 128, 128, 8, 4),

@@ -137,6 +137,53 @@ def test_w8a16_explicit_configs(device, kernel, config, group_size):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(
+    "kernel, config, group_size",
+    [
+        ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=5, swap_ab=False), None),
+        ("splitk", dict(block_m=16, block_n=32, block_k=16, split_k=3, swap_ab=True), 32),
+        ("gemm", dict(block_m=32, block_n=16, block_k=32, group_m=2, swap_ab=True), None),
+        ("gemm", dict(block_m=16, block_n=16, block_k=16, swap_ab=False), 48),
+    ],
+)
+def test_w8a16_tma_loads(device, dtype, kernel, config, group_size):
+    """DotConfig.tma: the tensor-core kernel reads x and W through TMA descriptors, whose zero fill
+    replaces the masks at every ragged edge (M = 33, N = 37, K = 96 split unevenly, a last group of
+    48 cut short). Only the loads change, so the product is the pointer-load kernel's, bit for bit,
+    with the same tiles. Operands that break the descriptors' 16-byte rules (a base 2 bytes off, a
+    row stride of K + 1 elements) run the same tiles with pointer loads."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig
+
+    assert kernels.tma_available(-1 if device == "cpu" else torch.device(device).index or 0)
+    m, n, k = 33, 37, 96
+    x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device=device)
+    kernels.clear_plans()
+    out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config, tma=True))
+    (plan,) = kernels._PLANS.values()
+    assert plan[4] is not None  # the TMA loads ran
+    _check_w8a16(out, x, q, s, b, group_size)
+    pointer = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config))
+    assert torch.equal(out, pointer)
+    again = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config, tma=True))
+    assert torch.equal(out, again)
+    # misaligned operands: same tiles, pointer loads, same bits
+    shifted = torch.empty(m * k + 8, dtype=dtype, device=device)[1:1 + m * k].view(m, k)
+    shifted.copy_(x)
+    wide = torch.empty(m, k + 1, dtype=dtype, device=device)
+    wide[:, :k] = x
+    for x_odd in (shifted, wide[:, :k]):
+        kernels.clear_plans()
+        odd = kernels.w8a16_linear(x_odd, q, s, b, group_size, kernel, DotConfig(**config, tma=True))
+        (plan,) = kernels._PLANS.values()
+        assert plan[4] is None
+        assert torch.equal(odd, pointer)
+    kernels.clear_plans()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("kernel", ["gemv", "splitk"])
 def test_split_k_is_one_launch_and_leaves_its_counters_zero(device, kernel, monkeypatch):
     """A split-K call is one kernel: the last program of each tile adds the partial sums. The arrival
@@ -590,6 +637,41 @@ def test_gpu_issue_shapes_every_kernel(n, k, m, group_size, dtype):
         else:
             assert_within_torch_error(out, baseline, ref64, dtype, what=kernel)
             assert torch.equal(out, int8_gemm(x, q, s, b, group_size=group_size, kernel=kernel))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336), (1000, 4100)])
+@pytest.mark.parametrize("m", [16, 128, 300])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_gpu_tma_loads(n, k, m, group_size):
+    """TMA-fed tiles on the GPU at the benchmark's shapes and a ragged one: correct, deterministic,
+    the pointer-load kernel's bits with the same tiles, and capturable in a CUDA graph."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig
+
+    if not kernels.tma_available(torch.cuda.current_device()):
+        pytest.skip("no TMA on this GPU")
+    x, q, s, b = _problem(m, n, k, torch.bfloat16, group_size=group_size, device="cuda")
+    configs = [("splitk", DotConfig(128, 128, 128, split_k=4, num_warps=8, num_stages=4, swap_ab=True)),
+               ("gemm", DotConfig(128, 64, 128, num_warps=4, num_stages=4, swap_ab=False))]
+    for kernel, cfg in configs:
+        tma_cfg = DotConfig(**{**cfg.__dict__, "tma": True})
+        kernels.clear_plans()
+        out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg)
+        assert all(plan[4] is not None for plan in kernels._PLANS.values())
+        _check_w8a16(out, x, q, s, b, group_size)
+        assert torch.equal(out, kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg))
+        pointer = kernels.w8a16_linear(x, q, s, b, group_size, kernel, cfg)
+        assert torch.equal(out, pointer), f"{kernel}: TMA, pointer loads differ: {rel_err(out, pointer):.1e}"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg)
+    x.copy_(randn(*x.shape, dtype=x.dtype, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg))
+    kernels.clear_plans()
 
 
 @pytest.mark.gpu

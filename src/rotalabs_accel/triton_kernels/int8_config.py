@@ -80,6 +80,8 @@ MAX_SPLIT_K = 16
 # Split-K writes and re-reads split x M x N fp32 partial sums: keep that traffic under a quarter of the
 # weight's N x K bytes (split x M x 8 <= K / 4).
 PARTIAL_TRAFFIC_FRACTION = 4
+# The largest side of a TMA copy box, in elements (DotConfig.tma).
+TMA_MAX_BOX = 256
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,10 @@ class DotConfig:
     operand: fewer instructions per weight element (the register fragment of a wgmma operand costs
     2-byte shared loads and byte permutes), one more shared-memory pass.
     ``group_m`` row blocks walk the weight's column blocks together so a weight tile is reused from L2.
+    ``tma`` loads the x and W tiles through TMA tensor descriptors (Hopper's bulk tensor copies into
+    shared memory) instead of per-thread pointer loads (W8A16 only). It applies where the device has
+    TMA (compute capability 9.0+), every block side is at most 256 and the call's operands are 16-byte
+    aligned (bases and row strides); anywhere else the same tiles run with pointer loads.
     """
 
     block_m: int
@@ -119,6 +125,7 @@ class DotConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False
+    tma: bool = False
 
 
 @dataclass(frozen=True)
@@ -452,9 +459,11 @@ def resolve_w8a16(
             programs, k_blocks, sm_count, fill=DOT_FILL, m=m, k=k, at_least=2 if forced_split else 1
         )
     split = max(1, min(split, k_blocks))
+    # a TMA box has at most 256 elements per side
+    tma = cfg.tma and max(block_m, block_n, block_k) <= TMA_MAX_BOX
     return dataclasses.replace(
         cfg, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
-        num_stages=num_stages, num_warps=num_warps,
+        num_stages=num_stages, num_warps=num_warps, tma=tma,
     )
 
 
@@ -477,6 +486,7 @@ def resolve_w8a8(cfg: DotConfig, m: int, n: int, k: int) -> DotConfig:
         block_k=_clamp_k_block(cfg.block_k, k, None, 32),
         split_k=1,
         swap_ab=False,
+        tma=False,
     )
 
 

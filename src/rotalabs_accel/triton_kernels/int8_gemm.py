@@ -42,6 +42,11 @@ import triton
 import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
+
+try:  # host-side TMA descriptors (Triton >= 3.3); without them DotConfig.tma falls back to pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 from ..utils import is_triton_interpreter
 from . import int8_config
 from ._launch import KernelLaunch, _current_stream, current_device, launch, on_device
@@ -398,17 +403,23 @@ def _w8a16_dot_kernel(
     SWAP_AB: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCKED_SUM: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    # USE_TMA: x_ptr and w_ptr are host-side tensor descriptors of x [M, K] (block [BLOCK_M, BLOCK_K])
+    # and W [N, K] (block [BLOCK_N, BLOCK_K]); Hopper's tensor memory accelerator copies each tile to
+    # shared memory with no per-element address arithmetic, and fills rows / columns outside the
+    # tensor with zeros (no masks, any K).
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = pid_k * k_per_split
     offs_k = k_start + tl.arange(0, BLOCK_K)
-    offs_xm = offs_m % M
     offs_wn = offs_n % N
-    x_ptrs = x_ptr + offs_xm.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_wn.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    if not USE_TMA:
+        offs_xm = offs_m % M
+        x_ptrs = x_ptr + offs_xm.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_wn.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -417,7 +428,10 @@ def _w8a16_dot_kernel(
     if DOT_FP32:
         lost = tl.zeros_like(acc)  # the low-order bits the running fp32 sum has dropped so far
     for k0 in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
+        if USE_TMA:
+            x = x_ptr.load([pid_m * BLOCK_M, k_start + k0])
+            w = w_ptr.load([pid_n * BLOCK_N, k_start + k0])
+        elif EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
         else:
@@ -463,8 +477,9 @@ def _w8a16_dot_kernel(
                 acc += part
         else:
             acc = tl.dot(a, b, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if not USE_TMA:
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
 
     if SWAP_AB:
         om = offs_m[None, :]
@@ -663,12 +678,29 @@ def _split_plan(k: int, block_k: int, split: int) -> tuple[int, int, bool]:
     return blocks_per_split * block_k, split, even_k
 
 
-def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> tuple:
-    """``(launch, k_per_split, split, tiles)`` for one problem size on one device.
+@functools.cache
+def tma_available(index: int) -> bool:
+    """Whether the tensor-core kernel can load through TMA descriptors on device ``index``.
+
+    Needs Triton's host-side ``TensorDescriptor`` and a GPU of compute capability 9.0 or newer (Hopper);
+    the interpreter (``index`` -1, CPU tensors) emulates the descriptors, so CI runs that path too.
+    """
+    if TensorDescriptor is None:
+        return False
+    if index < 0:
+        return is_triton_interpreter()
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma_ok=False) -> tuple:
+    """``(launch, k_per_split, split, tiles, tma)`` for one problem size on one device.
 
     ``launch`` is a ``KernelLaunch`` site with the grid, launch options and constexprs resolved;
-    ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split. The dequant
-    variant has no single launch: its plan is ``(None, DequantConfig, 0, 0)``.
+    ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split; ``tma`` the
+    descriptor blocks ``((block_m, block_k), (block_n, block_k))`` of x and W when the tensor-core
+    kernel loads through TMA (the config asks for it, the device has it and ``tma_ok``: this call's
+    operands meet the descriptors' 16-byte alignment rules), else ``None``. The dequant variant has no
+    single launch: its plan is ``(None, DequantConfig, 0, 0, None)``.
     """
     fp32 = dtype == torch.float32
     sms = _sms(index)
@@ -682,8 +714,9 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
         variant = kernel
         cfg = resolve_w8a16(variant, config, m, n, k, group_size=group_size, sm_count=sms, fp32=fp32)
     if variant == "dequant":
-        return None, cfg, 0, 0
+        return None, cfg, 0, 0, None
     gs = int(group_size or 0)
+    tma = None
     k_per_split, split, even_k = _split_plan(k, cfg.block_k, cfg.split_k)
     if variant == "gemv":
         assert isinstance(cfg, GemvConfig)
@@ -698,13 +731,16 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index) -> 
         # the interpreter's dot multiplies bf16 bit patterns as integers: compute in fp32 there
         dot_fp32 = fp32 or (dtype == torch.bfloat16 and index < 0 and is_triton_interpreter())
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        if cfg.tma and tma_ok and tma_available(index):
+            tma = ((cfg.block_m, cfg.block_k), (cfg.block_n, cfg.block_k))
         site = KernelLaunch(
             _w8a16_dot_kernel, grid, cfg.num_warps, cfg.num_stages, device=index,
             GROUP_SIZE=gs, HAS_BIAS=has_bias, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
             GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32, BLOCKED_SUM=gs > 0 or dot_fp32,
+            USE_TMA=tma is not None,
         )
-    return site, k_per_split, split, site.grid[0] if split > 1 else 0
+    return site, k_per_split, split, site.grid[0] if split > 1 else 0, tma
 
 
 # Arrival counters of split-K launches per (device index, stream): zeroed once, left zero by every
@@ -790,12 +826,16 @@ def w8a16_linear(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     index = x.get_device()
-    key = (m, n, k, x.dtype, group_size, bias is None, kernel, config, index)
+    x_align = x.data_ptr() & 15
+    w_align = weight.data_ptr() & 15
+    # TMA descriptors need 16-byte aligned bases and row strides
+    tma_ok = not (x_align | w_align | (stride_xm * x.element_size()) & 15 | stride_wn & 15)
+    key = (m, n, k, x.dtype, group_size, bias is None, kernel, config, index, tma_ok)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _remember(key, _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config,
-                                          index))
-    site, k_per_split, split, tiles = plan
+                                          index, tma_ok))
+    site, k_per_split, split, tiles, tma = plan
     if site is None:  # the dequant variant: k_per_split holds its DequantConfig
         return _dequant_linear(x, weight, scale, bias, group_size, k_per_split)
     # new_empty: the cheapest allocation call here (torch.empty(..., device=) parses the device each time)
@@ -812,10 +852,15 @@ def w8a16_linear(
     b_arg = bias if bias is not None else scale
     # What can change Triton's specialization between calls of one plan (out and part are fresh,
     # hence aligned): the inputs' alignment, the strides and the bias dtype.
-    spec = (x.data_ptr() & 15, weight.data_ptr() & 15, scale.data_ptr() & 15, b_arg.data_ptr() & 15,
+    spec = (x_align, w_align, scale.data_ptr() & 15, b_arg.data_ptr() & 15,
             b_arg.dtype, stride_xm, stride_wn, stride_sn, stride_sg)
-    args = (x, weight, scale, b_arg, out, part, locks, m, n, k, k_per_split, stride_xm, stride_wn, stride_sn,
-            stride_sg)
+    if tma is None:
+        x_arg, w_arg = x, weight
+    else:
+        x_arg = TensorDescriptor(x, [m, k], [stride_xm, 1], list(tma[0]))
+        w_arg = TensorDescriptor(weight, [n, k], [stride_wn, 1], list(tma[1]))
+    args = (x_arg, w_arg, scale, b_arg, out, part, locks, m, n, k, k_per_split, stride_xm, stride_wn,
+            stride_sn, stride_sg)
     if index >= 0 and index != current_device():
         # Triton launches on the current device
         with torch.cuda.device(index):
