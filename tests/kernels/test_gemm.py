@@ -645,8 +645,10 @@ def test_gpu_issue_shapes_every_kernel(n, k, m, group_size, dtype):
 @pytest.mark.parametrize("m", [16, 128, 300])
 @pytest.mark.parametrize("group_size", [None, 128])
 def test_gpu_tma_loads(n, k, m, group_size):
-    """TMA-fed tiles on the GPU at the benchmark's shapes and a ragged one: correct, deterministic,
-    the pointer-load kernel's bits with the same tiles, and capturable in a CUDA graph."""
+    """TMA-fed tiles on the GPU at the benchmark's shapes: correct, deterministic, the pointer-load
+    kernel's bits with the same tiles (also for a new x at another address, whose tensor map is encoded
+    anew), and capturable in a CUDA graph. K = 4100 gives the int8 weight a row stride that is no
+    multiple of 16 bytes: the same tiles run with pointer loads."""
     from rotalabs_accel.triton_kernels import int8_gemm as kernels
     from rotalabs_accel.triton_kernels.int8_config import DotConfig
 
@@ -659,11 +661,15 @@ def test_gpu_tma_loads(n, k, m, group_size):
         tma_cfg = DotConfig(**{**cfg.__dict__, "tma": True})
         kernels.clear_plans()
         out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg)
-        assert all(plan[4] is not None for plan in kernels._PLANS.values())
+        (plan,) = kernels._PLANS.values()
+        assert (plan[4] is not None) == (k % 16 == 0)
         _check_w8a16(out, x, q, s, b, group_size)
         assert torch.equal(out, kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg))
         pointer = kernels.w8a16_linear(x, q, s, b, group_size, kernel, cfg)
         assert torch.equal(out, pointer), f"{kernel}: TMA, pointer loads differ: {rel_err(out, pointer):.1e}"
+        x_new = randn(*x.shape, dtype=x.dtype, device="cuda")
+        assert torch.equal(kernels.w8a16_linear(x_new, q, s, b, group_size, kernel, tma_cfg),
+                           kernels.w8a16_linear(x_new, q, s, b, group_size, kernel, cfg))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = kernels.w8a16_linear(x, q, s, b, group_size, kernel, tma_cfg)

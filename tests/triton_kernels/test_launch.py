@@ -265,3 +265,58 @@ def test_empty_hook_chains_count_as_no_hooks(monkeypatch):
     assert launch_module._launch_hooks_installed()
     monkeypatch.setattr(runtime, "launch_exit_hook", print, raising=False)
     assert launch_module._launch_hooks_installed()
+
+
+def _tensordesc_wrapper(launcher, tensordesc_indices, tensordesc_meta):
+    """Stands for Triton 3.6's wrap_handle_tensordesc: a closure over the C entry, the descriptor
+    positions and their metadata (the names the direct launch reads)."""
+
+    def inner(*args):  # never called by the direct launch
+        raise AssertionError((launcher, tensordesc_indices, tensordesc_meta))
+
+    return inner
+
+
+class _Desc:
+    def __init__(self, base, shape, strides):
+        self.base, self.shape, self.strides, self.block_shape = base, shape, strides, [16, 32]
+
+
+def test_c_entry_encodes_each_tensor_map_once(fresh_cache, monkeypatch):
+    # A kernel with a TMA descriptor argument: the C entry gets the descriptor's expansion (tensor map,
+    # shape, strides) in its place. A map is encoded the first time its address, shape and strides
+    # are seen, and reused after (a weight's map, launch after launch); a new address, shape or
+    # stride is encoded anew.
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+    k = fresh_cache
+    monkeypatch.setattr(k, "_c_launch_ok", True)
+    monkeypatch.setattr(k, "_launch_hooks_installed", lambda: False)
+    encoded = []
+
+    def encode(desc, meta):
+        encoded.append((desc.base.data_ptr(), tuple(desc.shape), tuple(desc.strides), meta))
+        return [f"map{len(encoded)}", *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
+    c_calls = []
+    kernel = _KernelWithLauncher()
+    kernel.arg_names = ["X", "D", "n", "A"]
+    compiled = kernel.compiled
+    compiled.src = type("Src", (), {"signature": {"X": "*bf16", "D": "tensordesc<i8[16, 32]>", "n": "i32",
+                                                  "A": "constexpr"}})()
+    compiled.run.launch = _tensordesc_wrapper(lambda *a: c_calls.append(a), {1}, [{"swizzle": 128}])
+    x, w, w2 = _OnGpu(), torch.empty(64, 32, dtype=torch.int8), torch.empty(64, 32, dtype=torch.int8)
+    site = k.KernelLaunch(kernel, (3,), 4, device=0, A=7)
+    site((x, _Desc(w, [64, 32], [32, 1]), 5))  # Triton's own path, compiles
+    for desc in (_Desc(w, [64, 32], [32, 1]), _Desc(w, [64, 32], [32, 1]), _Desc(w2, [64, 32], [32, 1]),
+                 _Desc(w, [32, 32], [32, 1]), _Desc(w, [64, 32], [32, 1])):
+        site((x, desc, 5))
+    meta = {"swizzle": 128}
+    assert encoded == [(w.data_ptr(), (64, 32), (32, 1), meta), (w2.data_ptr(), (64, 32), (32, 1), meta),
+                       (w.data_ptr(), (32, 32), (32, 1), meta)]
+    base = (3, 1, 1, 100, 0xF00, False, True, None, None, ("meta",), None, None, None)
+    assert [c[len(base):] for c in c_calls] == [
+        (x, "map1", 64, 32, 32, 1, 5, 7), (x, "map1", 64, 32, 32, 1, 5, 7), (x, "map2", 64, 32, 32, 1, 5, 7),
+        (x, "map3", 32, 32, 32, 1, 5, 7), (x, "map1", 64, 32, 32, 1, 5, 7),
+    ]
+    assert all(c[:len(base)] == base for c in c_calls)

@@ -141,6 +141,55 @@ def _launch_hooks_installed() -> bool:
     return False
 
 
+_MAX_TENSOR_MAPS = 64
+
+
+def _tensordesc_entry(entry):
+    """``(c_entry, expand)`` for a launcher entry that expands TMA tensor descriptors, else None.
+
+    Triton 3.6 wraps the C entry of a kernel with tensor-descriptor arguments in a Python function that
+    turns every descriptor into its argument list (a ``CUtensorMap`` encoded by the driver, then the
+    shape and strides) on each launch. The encoding depends only on the base address, shape, strides,
+    block and element type, so ``expand`` keeps it per address, shape and strides (the block and
+    element type are fixed per compiled kernel) and encodes a descriptor only the first time it meets
+    it: a weight's map is encoded once, not per call.
+    """
+    code = getattr(entry, "__code__", None)
+    if code is None or not entry.__closure__:
+        return None
+    cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in entry.__closure__)))
+    try:
+        c_entry, indices, metas = cells["launcher"], cells["tensordesc_indices"], cells["tensordesc_meta"]
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+    except (KeyError, ImportError):
+        return None
+    meta_of = {i: metas[j] for j, i in enumerate(sorted(indices))}
+    maps: dict = {}
+
+    def expand(args) -> list:
+        out = []
+        for i, a in enumerate(args):
+            meta = meta_of.get(i, _NOT_A_DESCRIPTOR)
+            if meta is _NOT_A_DESCRIPTOR:
+                out.append(a)
+            elif meta is None:  # lowered without TMA: base pointer, shape and strides, nothing to keep
+                out.extend(make_tensordesc_arg(a, None))
+            else:
+                key = (i, a.base.data_ptr(), *a.shape, *a.strides)
+                expanded = maps.get(key)
+                if expanded is None:
+                    if len(maps) >= _MAX_TENSOR_MAPS:
+                        maps.clear()
+                    expanded = maps[key] = make_tensordesc_arg(a, meta)
+                out.extend(expanded)
+        return out
+
+    return c_entry, expand
+
+
+_NOT_A_DESCRIPTOR = object()
+
+
 def _c_launcher(compiled, grid: tuple, tail: tuple):
     """``fn(stream, args)`` calling the compiled launcher's entry directly, or None where unsupported."""
     global _c_launch_ok
@@ -158,6 +207,18 @@ def _c_launcher(compiled, grid: tuple, tail: tuple):
     except Exception:
         return None
     gx, gy, gz = grid
+    signature = getattr(getattr(compiled, "src", None), "signature", None) or {}
+    if any(isinstance(ty, str) and ty.startswith("tensordesc") for ty in signature.values()):
+        unwrapped = _tensordesc_entry(entry)
+        if unwrapped is None:
+            return None
+        c_entry, expand = unwrapped
+
+        def run_descriptors(stream, args):
+            c_entry(gx, gy, gz, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
+                    *expand(args), *tail)
+
+        return run_descriptors
 
     def run(stream, args):
         entry(gx, gy, gz, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
