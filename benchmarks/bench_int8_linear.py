@@ -401,7 +401,8 @@ def _gemv_tiles(m: int):
     for warps in (2, 4, 8):
         for bn in (1, 2, 4, 8, 16, 32, 64):
             # 4096: all of K = 4096 in one step, the tiling of the fastest read-only kernel of
-            # scripts/gemv_variants.py at N = 14336 (benchmarks/results/sweeps/gemv-variants-*)
+            # scripts/gemv_variants.py at N = 14336 (benchmarks/results/sweeps/gemv-variants-*); in the
+            # GEMV it lost by 2-6 us at every shape (...-sweep-m1-gemv-bk4096-*), kept for other GPUs
             for bk in (128, 256, 512, 1024, 2048, 4096):
                 if 512 * warps <= bn * bk <= 2048 * warps:
                     tiles.append((bn, bk, warps))

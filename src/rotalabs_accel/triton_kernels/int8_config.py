@@ -229,7 +229,11 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
 # the next K block into registers before the current block's multiply-adds: slower than the plain
 # loop at all three shapes, 12.5 / 27.9 / 28.1 us against 12.2 / 27.0 / 27.4, so the kernel does not
 # have it); sweep 7 = ...-sweep-m128-splitk-wide-* (M = 128, split-K only, with 128 x 128 and
-# 128 x 256 tiles and splits up to 8 among the candidates).
+# 128 x 256 tiles and splits up to 8 among the candidates); sweep 8 = ...-sweep-m128-tma-* (M = 128,
+# split-K and GEMM, after DotConfig.tma: every pointer-load candidate of sweeps 4-7 beside TMA-fed
+# ones, in one run; TMA won at all three shapes); sweep 9 = ...-sweep-m1-gemv-bk4096-* (M = 1, GEMV,
+# with whole-K 4096 steps among the candidates: 2-6 us slower than the entries below, which it
+# re-measured within 0.4 us of their earlier times, so they stay).
 # "gemv structure run" = `scripts/gemv_variants.py` (benchmarks/results/sweeps/gemv-variants-*.json): the
 # GEMV with register loads and cache hints, whose structure replaced the pipelined one.
     ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=2, block_k=1024, split_k=1, num_warps=2, num_stages=1)),  # 12.3 us (gemv structure run)
@@ -238,9 +242,9 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3)
     ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
     ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
-    ("auto", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 24.5 us (sweep 4; split-K 4: 24.9 us)
-    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 54.2 us (sweep 7; the earlier 128 x 64 x 64 entry: 55.0 us there)
-    ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
+    ("auto", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True, tma=True)),  # 21.9 us (sweep 8; best with pointer loads there: 24.2 us)
+    ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=4, swap_ab=True, tma=True)),  # 47.6 us (sweep 8; best with pointer loads there: 54.4 us)
+    ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True, tma=True)),  # 45.1 us (sweep 8; the same tiles with pointer loads: 48.4 us)
     ("auto", "big", 4096, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=True)),  # 232.0 us (sweep 2)
     ("auto", "big", 4096, 14336): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 763.4 us (sweep 2)
     ("auto", "big", 14336, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 780.4 us (sweep 2)
@@ -252,7 +256,7 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("gemm", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
     ("gemm", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 24.5 us (sweep 4)
     ("gemm", "256", 4096, 14336): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 66.1 us (sweep 4)
-    ("gemm", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 48.7 us (sweep 2)
+    ("gemm", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True, tma=True)),  # 45.1 us (sweep 8)
     ("gemm", "big", 4096, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=3, swap_ab=True)),  # 232.0 us (sweep 2)
     ("gemm", "big", 4096, 14336): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 763.4 us (sweep 2)
     ("gemm", "big", 14336, 4096): ("gemm", DotConfig(block_m=256, block_n=128, block_k=64, split_k=1, group_m=8, num_warps=8, num_stages=4, swap_ab=True)),  # 780.4 us (sweep 2)
@@ -268,9 +272,9 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("splitk", "16", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=16, block_k=256, split_k=2, group_m=8, num_warps=2, num_stages=4, swap_ab=False)),  # 15.5 us (sweep 5)
     ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 35.0 us (sweep 5)
     ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=32, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 34.8 us (sweep 5)
-    ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=4, group_m=8, num_warps=8, num_stages=5, swap_ab=False)),  # 24.6 us (sweep 5)
-    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=3, swap_ab=False)),  # 54.2 us (sweep 7)
-    ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=64, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 63.2 us (sweep 5)
+    ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True, tma=True)),  # 21.9 us (sweep 8)
+    ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=4, swap_ab=True, tma=True)),  # 47.6 us (sweep 8)
+    ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=128, block_k=64, split_k=2, group_m=8, num_warps=8, num_stages=4, swap_ab=False, tma=True)),  # 48.6 us (sweep 8)
     ("w8a8", "256", 4096, 4096): ("w8a8", DotConfig(block_m=64, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 21.9 us (sweep 2)
     ("w8a8", "256", 4096, 14336): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 58.6 us (sweep 2)
     ("w8a8", "256", 14336, 4096): ("w8a8", DotConfig(block_m=64, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 39.2 us (sweep 2)
