@@ -440,6 +440,11 @@ def _candidates(variant: str, m: int, best: list | None = None):
                       for w in (2, 4) for st in (3, 4, 6) for sw in (True, False)]
             if variant == "splitk":  # the split multiplies the list: keep the likely tiles
                 tiles = [t for t in tiles if t[4] in (3, 4, 6)]
+            # TMA-fed loads (DotConfig.tma) on the tiles nearest the tuned M = 16 entries; K steps of
+            # at most 256 (a TMA box side)
+            tma_tiles = [(16, bn, bk, w, st, sw) for bn, bk in ((16, 256), (32, 256), (64, 128), (64, 256),
+                                                                (128, 128))
+                         for w in (2, 4) for st in (4, 6) for sw in (True, False)]
         elif m <= 256:
             tiles = [(bm, bn, bk, w, st, sw) for (bm, bn, bk, w, st) in (
                 (64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (128, 64, 128, 4, 3), (64, 128, 64, 4, 4),
@@ -471,7 +476,7 @@ def _candidates(variant: str, m: int, best: list | None = None):
             ) for sw in (True, False)]
         for (bm, bn, bk, warps, stages, swap), split in itertools.product(tiles, splits):
             yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap)
-        if 16 < m <= 256:
+        if m <= 256:
             for (bm, bn, bk, warps, stages, swap), split in itertools.product(tma_tiles, splits):
                 yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap, tma=True)
     elif variant == "w8a8":
