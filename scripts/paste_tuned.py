@@ -20,10 +20,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "src" / "rotalabs_accel" / "trito
 LINE = re.compile(r"^\s*(\(.*?\)):\s*(\(.*\)),\s*#\s*(.*)$")
 
 
-def _key(text: str) -> tuple:
-    return tuple(ast.literal_eval(text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tuned", type=Path)
@@ -38,7 +34,7 @@ def main() -> None:
         if not match:
             continue
         key_text, value, timing = match.groups()
-        key = _key(key_text)
+        key = ast.literal_eval(key_text)
         comment = f"{timing} ({args.note})" if args.note else timing
         entry = f"    {key_text.replace(chr(39), chr(34))}: {value.replace(chr(39), chr(34))},  # {comment}"
         variant, bucket, n, k = key

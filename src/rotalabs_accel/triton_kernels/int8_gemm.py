@@ -42,11 +42,6 @@ import triton
 import triton.language as tl
 
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
-
-try:  # host-side TMA descriptors (Triton >= 3.3); without them DotConfig.tma falls back to pointer loads
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton
-    TensorDescriptor = None
 from ..utils import is_triton_interpreter
 from . import int8_config
 from ._launch import KernelLaunch, _current_stream, current_device, launch, on_device
@@ -63,6 +58,11 @@ from .int8_config import (
     select_w8a8,
     select_w8a16,
 )
+
+try:  # host-side TMA descriptors (Triton >= 3.3); without them DotConfig.tma falls back to pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 __all__ = [
     "w8a16_linear",
@@ -697,7 +697,7 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
 
     ``launch`` is a ``KernelLaunch`` site with the grid, launch options and constexprs resolved;
     ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split; ``tma`` the
-    descriptor blocks ``((block_m, block_k), (block_n, block_k))`` of x and W when the tensor-core
+    descriptor blocks ``([block_m, block_k], [block_n, block_k])`` of x and W when the tensor-core
     kernel loads through TMA (the config asks for it, the device has it and ``tma_ok``: this call's
     operands meet the descriptors' 16-byte alignment rules), else ``None``. The dequant variant has no
     single launch: its plan is ``(None, DequantConfig, 0, 0, None)``.
@@ -732,7 +732,7 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
         dot_fp32 = fp32 or (dtype == torch.bfloat16 and index < 0 and is_triton_interpreter())
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         if cfg.tma and tma_ok and tma_available(index):
-            tma = ((cfg.block_m, cfg.block_k), (cfg.block_n, cfg.block_k))
+            tma = ([cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k])
         site = KernelLaunch(
             _w8a16_dot_kernel, grid, cfg.num_warps, cfg.num_stages, device=index,
             GROUP_SIZE=gs, HAS_BIAS=has_bias, EVEN_K=even_k,
@@ -775,13 +775,13 @@ def _split_locks(index: int, tiles: int, like: torch.Tensor) -> torch.Tensor:
     return locks
 
 
-def _descriptor(tensor, shape: list, strides: list, block: tuple):
+def _descriptor(tensor, shape: list, strides: list, block: list):
     """A ``TensorDescriptor`` without its constructor's checks, which ``w8a16_linear`` has made already
     (16-byte aligned base and row stride, unit inner stride, power-of-two blocks); the checks take
     about 2 us per descriptor in CPython, five times the bare object."""
     desc = object.__new__(TensorDescriptor)
     desc.base, desc.shape, desc.strides = tensor, shape, strides
-    desc.block_shape, desc.padding = list(block), "zero"
+    desc.block_shape, desc.padding = block, "zero"
     return desc
 
 
