@@ -474,11 +474,16 @@ def _candidates(variant: str, m: int, best: list | None = None):
                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                 (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 64, 64, 8, 4),
             ) for sw in (True, False)]
+            # TMA-fed loads on the large tiles: the x tile reaches shared memory with no address
+            # arithmetic, leaving the issue slots to the weight's conversion
+            tma_tiles = [(bm, bn, bk, w, st, sw) for (bm, bn, bk, w, st) in (
+                (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4),
+                (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 128, 8, 2), (128, 128, 64, 4, 4),
+            ) for sw in (True, False)]
         for (bm, bn, bk, warps, stages, swap), split in itertools.product(tiles, splits):
             yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap)
-        if m <= 256:
-            for (bm, bn, bk, warps, stages, swap), split in itertools.product(tma_tiles, splits):
-                yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap, tma=True)
+        for (bm, bn, bk, warps, stages, swap), split in itertools.product(tma_tiles, splits):
+            yield DotConfig(bm, bn, bk, split, 8, warps, stages, swap, tma=True)
     elif variant == "w8a8":
         if m <= 256:
             tiles = [(64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 256, 128, 8, 4), (128, 128, 128, 8, 4),
@@ -591,12 +596,17 @@ def _time_candidates(variant, cfgs, x, q, s, m, n, k, deadline, records):
     return timings
 
 
-def _sweep_point(n, k, m, deadline, records, compiler, only=None):
+def _sweep_point(n, k, m, deadline, records, compiler, only=None, tma_only=False):
     """Time every candidate of every variant at one (M, N, K); returns {variant: (ms, config)}, stopped."""
+    from rotalabs_accel.triton_kernels.int8_config import TUNED, m_bucket
+
     x, q, s = _sweep_inputs(n, k, m)
     best = {}
     for variant in _sweep_variants(m, only):
-        cfgs = list(_candidates(variant, m))
+        cfgs = [c for c in _candidates(variant, m) if not tma_only or getattr(c, "tma", False)]
+        current = TUNED.get((variant, m_bucket(m), n, k))
+        if current is not None and current[0] == variant and current[1] not in cfgs:
+            cfgs.insert(0, current[1])  # the table's entry: the baseline of the same run
         timings = _time_candidates(variant, cfgs, x, q, s, m, n, k, deadline, records)
         if timings and variant == "gemv" and m == 1:
             timed = set(cfgs)
@@ -623,7 +633,8 @@ def run_sweep(args, out_dir: Path):
     shapes = args.sweep_shape or (SHAPES[:1] if args.quick else SHAPES)
     points = list(itertools.product(args.sweep_m or MS, shapes))
     tasks = [(variant, cfg, m, n, k) for m, (n, k) in points
-             for variant in _sweep_variants(m, args.sweep_variants) for cfg in _candidates(variant, m)]
+             for variant in _sweep_variants(m, args.sweep_variants) for cfg in _candidates(variant, m)
+             if not args.sweep_tma_only or getattr(cfg, "tma", False)]
     # compiling is shared across shapes (the same specialization): one shape per configuration suffices,
     # with the largest M so the MMA kernels compile their full tiles
     unique = {}
@@ -632,7 +643,8 @@ def run_sweep(args, out_dir: Path):
     compiler = _Compiler(args.sweep_jobs)
     compiler.compile(list(unique.values()), deadline - 60)
     for m, (n, k) in points:
-        point, stopped = _sweep_point(n, k, m, deadline, records, compiler, args.sweep_variants)
+        point, stopped = _sweep_point(n, k, m, deadline, records, compiler, args.sweep_variants,
+                                      args.sweep_tma_only)
         for variant, (t, cfg) in point.items():
             best[(variant, m_bucket(m), n, k)] = (t, cfg)
         torch.cuda.empty_cache()
@@ -685,6 +697,8 @@ def main() -> None:
     parser.add_argument("--sweep-variants", nargs="*", default=None,
                         choices=("gemv", "splitk", "gemm", "w8a8"),
                         help="variants to sweep (default: every variant that applies at each M)")
+    parser.add_argument("--sweep-tma-only", action="store_true",
+                        help="time only the TMA-fed candidates, beside the current TUNED entry of each point")
     parser.add_argument("--sweep-budget-s", type=float, default=480.0,
                         help="stop the sweep after this many seconds (default 480)")
     parser.add_argument("--sweep-jobs", type=int, default=min(8, os.cpu_count() or 1),
