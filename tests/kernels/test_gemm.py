@@ -680,6 +680,55 @@ def test_gpu_tma_loads(n, k, m, group_size):
     kernels.clear_plans()
 
 
+def test_fast_convert_stays_off_where_no_ptx_runs():
+    """The fp16 weight conversion is inline PTX: a plan for Triton's interpreter (CPU tensors) and a plan
+    for bf16 activations do not ask for it."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig
+
+    pytest.importorskip("triton")
+    if not kernels.is_triton_interpreter():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    for dtype in (torch.float16, torch.bfloat16):
+        x, q, s, b = _problem(16, 48, 64, dtype)
+        kernels.clear_plans()
+        out = kernels.w8a16_linear(x, q, s, b, None, "gemm", DotConfig(16, 16, 32, fast_convert=True))
+        (plan,) = kernels._PLANS.values()
+        assert plan[0].constexprs["FAST_CVT"] is False
+        _check_w8a16(out, x, q, s, b)
+    kernels.clear_plans()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m, n, k", [(16, 4096, 4096), (128, 1000, 4100), (300, 512, 768)])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_gpu_fast_convert_fp16(m, n, k, group_size):
+    """fp16 activations: the inline-PTX int8 -> fp16 conversion gives the plain conversion's bits, for a
+    weight holding every int8 value from -128 to 127, in both MMA orientations, with pointer and TMA
+    loads, with and without a K split."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig
+
+    x, q, s, b = _problem(m, n, k, torch.float16, group_size=group_size, device="cuda")
+    q = (torch.arange(n * k, device="cuda") * 7919 % 256 - 128).to(torch.int8).reshape(n, k)
+    assert set(q.unique().tolist()) == set(range(-128, 128))
+    configs = [("gemm", DotConfig(64, 64, 128, num_warps=4, num_stages=3, swap_ab=False)),
+               ("gemm", DotConfig(16, 64, 128, num_warps=4, num_stages=4, swap_ab=True)),
+               ("splitk", DotConfig(128, 64, 128, split_k=2, num_warps=4, num_stages=4, swap_ab=True)),
+               ("gemm", DotConfig(128, 64, 128, num_warps=4, num_stages=3, swap_ab=True, tma=True))]
+    for kernel, cfg in configs:
+        kernels.clear_plans()
+        fast = kernels.w8a16_linear(x, q, s, b, group_size, kernel, cfg)
+        (plan,) = kernels._PLANS.values()
+        assert plan[0].constexprs["FAST_CVT"] is True
+        plain = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**{**cfg.__dict__,
+                                                                                   "fast_convert": False}))
+        assert torch.equal(fast, plain), f"{kernel} {cfg}: {rel_err(fast, plain):.1e}"
+        _check_w8a16(fast, x, q, s, b, group_size)
+    kernels.clear_plans()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -115,6 +115,11 @@ class DotConfig:
     shared memory) instead of per-thread pointer loads (W8A16 only). It applies where the device has
     TMA (compute capability 9.0+), every block side is at most 256 and the call's operands are 16-byte
     aligned (bases and row strides); anywhere else the same tiles run with pointer loads.
+    ``fast_convert``: with fp16 activations, the weight's int8 values become fp16 by byte permutes and
+    packed subtractions (inline PTX, four values per instance) instead of one quarter-rate
+    integer-to-float conversion per value; the values are the same. bf16 needs no such option (Triton
+    already converts int8 to bf16 that way), nor does Triton's interpreter (it runs the plain
+    conversion).
     """
 
     block_m: int
@@ -126,6 +131,7 @@ class DotConfig:
     num_stages: int = 3
     swap_ab: bool = False
     tma: bool = False
+    fast_convert: bool = True
 
 
 @dataclass(frozen=True)

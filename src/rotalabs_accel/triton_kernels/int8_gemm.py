@@ -95,6 +95,28 @@ def _int8_to_f32(w):
     return biased.to(tl.float32, bitcast=True) - 8388736.0
 
 
+# int8 -> fp16, four values per instance, on the integer and half-precision pipes (exact: every int8
+# value is an fp16): the byte with its sign bit flipped (q + 128) in the low mantissa bits of 1024 is
+# the fp16 1152 + q, less 1152. Triton's own conversion issues a quarter-rate I2F per value for fp16;
+# for bf16 it already emits byte permutes and packed adds of this kind (sm_90 SASS of the same kernel,
+# Triton 3.6 and 3.9), so bf16 keeps it.
+_INT8X4_TO_F16X4 = tl.constexpr("""{
+.reg .b32 u, e0, e1, bias;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 e0, u, 0x64646464, 0x4140;
+prmt.b32 e1, u, 0x64646464, 0x4342;
+mov.b32 bias, 0x64806480;
+sub.f16x2 $0, e0, bias;
+sub.f16x2 $1, e1, bias;
+}""")
+
+
+@triton.jit
+def _int8_to_f16(w):
+    """Exact int8 -> fp16 by byte permutes and one packed subtraction per two values (CUDA only)."""
+    return tl.inline_asm_elementwise(_INT8X4_TO_F16X4, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+
+
 @triton.jit
 def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # GROUP_M row blocks sweep the weight's column blocks together: a weight tile loaded for one row
@@ -404,6 +426,7 @@ def _w8a16_dot_kernel(
     DOT_FP32: tl.constexpr,
     BLOCKED_SUM: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
     # USE_TMA: x_ptr and w_ptr are host-side tensor descriptors of x [M, K] (block [BLOCK_M, BLOCK_K])
     # and W [N, K] (block [BLOCK_N, BLOCK_K]); Hopper's tensor memory accelerator copies each tile to
@@ -443,6 +466,8 @@ def _w8a16_dot_kernel(
             # interpreter, whose dot multiplies bf16 bit patterns as integers.
             x = x.to(tl.float32)
             w = _int8_to_f32(w)
+        elif FAST_CVT and x.dtype == tl.float16:
+            w = _int8_to_f16(w)
         else:
             w = w.to(x.dtype)  # exact: every int8 value is representable in fp16 and bf16
         if SWAP_AB:
@@ -520,7 +545,7 @@ def _dequantize_kernel(
         s = tl.load(s_ptr + r64 * stride_sn + (cols // GROUP_SIZE)[None, :] * stride_sg, mask=mask, other=0.0)
     else:
         s = tl.load(s_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0)[:, None]
-    value = q.to(tl.float32) * s
+    value = _int8_to_f32(q) * s
     tl.store(out_ptr + r64 * K + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -738,7 +763,7 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
             GROUP_SIZE=gs, HAS_BIAS=has_bias, EVEN_K=even_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
             GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32, BLOCKED_SUM=gs > 0 or dot_fp32,
-            USE_TMA=tma is not None,
+            USE_TMA=tma is not None, FAST_CVT=cfg.fast_convert and index >= 0 and dtype == torch.float16,
         )
     return site, k_per_split, split, site.grid[0] if split > 1 else 0, tma
 
