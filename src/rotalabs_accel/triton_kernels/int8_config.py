@@ -239,15 +239,21 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
 # split-K and GEMM, after DotConfig.tma: every pointer-load candidate of sweeps 4-7 beside TMA-fed
 # ones, in one run; TMA won at all three shapes); sweep 9 = ...-sweep-m1-gemv-bk4096-* (M = 1, GEMV,
 # with whole-K 4096 steps among the candidates: 2-6 us slower than the entries below, which it
-# re-measured within 0.4 us of their earlier times, so they stay).
+# re-measured within 0.4 us of their earlier times, so they stay); sweep 10 = ...-sweep-m16-tma-* (M = 16,
+# split-K and GEMM, 2026-12-07: the TMA-fed 16-row candidates beside each key's previous entry; TMA won
+# only at 4096x4096 (GEMM 14.4 us, split-K 15.4) and for the forced GEMM at 4096x14336, by less than the
+# run-to-run spread; at 4096x4096 the auto and GEMM keys keep pointer loads, see their comments).
+# ...-sweep-m4096-tma-* (M = 4096, GEMM, same day): TMA-fed large tiles lost to the pointer-load
+# entries at all three shapes (252.8 / 920.4 / 885.9 us against 227.1 / 856.6 / 872.7), so no M = 4096
+# entry changed.
 # "gemv structure run" = `scripts/gemv_variants.py` (benchmarks/results/sweeps/gemv-variants-*.json): the
 # GEMV with register loads and cache hints, whose structure replaced the pipelined one.
     ("auto", "1", 4096, 4096): ("gemv", GemvConfig(block_n=2, block_k=1024, split_k=1, num_warps=2, num_stages=1)),  # 12.3 us (gemv structure run)
     ("auto", "1", 4096, 14336): ("gemv", GemvConfig(block_n=2, block_k=2048, split_k=1, num_warps=4, num_stages=1)),  # 27.8 us (gemv structure run)
     ("auto", "1", 14336, 4096): ("gemv", GemvConfig(block_n=4, block_k=512, split_k=1, num_warps=2, num_stages=1)),  # 27.0 us (sweep 6; the earlier entry, 4 x 1024 on 4 warps: 28.0 us there)
-    ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3)
-    ("auto", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
-    ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
+    ("auto", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3); 15.1 us in sweep 10, whose TMA-fed entry took 14.4 us there but 15.3 us through int8_gemm (each TMA call costs the host about 4 us more)
+    ("auto", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False, tma=False, fast_convert=True)),  # 34.7 us (sweep 10)
+    ("auto", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False, tma=False, fast_convert=True)),  # 33.0 us (sweep 10)
     ("auto", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True, tma=True)),  # 21.9 us (sweep 8; best with pointer loads there: 24.2 us)
     ("auto", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=4, swap_ab=True, tma=True)),  # 47.6 us (sweep 8; best with pointer loads there: 54.4 us)
     ("auto", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True, tma=True)),  # 45.1 us (sweep 8; the same tiles with pointer loads: 48.4 us)
@@ -257,9 +263,9 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("gemm", "1", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 40.9 us (sweep 1)
     ("gemm", "1", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 55.8 us (sweep 1)
     ("gemm", "1", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 49.1 us (sweep 1)
-    ("gemm", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3)
-    ("gemm", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=32, block_k=512, split_k=1, group_m=8, num_warps=4, num_stages=6, swap_ab=False)),  # 35.0 us (sweep 3)
-    ("gemm", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False)),  # 33.0 us (sweep 3)
+    ("gemm", "16", 4096, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=True)),  # 14.7 us (sweep 3); 15.1 us in sweep 10, whose TMA-fed entry took 14.4 us there but 15.3 us through int8_gemm (each TMA call costs the host about 4 us more)
+    ("gemm", "16", 4096, 14336): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=6, swap_ab=False, tma=True, fast_convert=True)),  # 35.2 us (sweep 10)
+    ("gemm", "16", 14336, 4096): ("gemm", DotConfig(block_m=16, block_n=16, block_k=256, split_k=1, group_m=8, num_warps=2, num_stages=3, swap_ab=False, tma=False, fast_convert=True)),  # 33.0 us (sweep 10)
     ("gemm", "256", 4096, 4096): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 24.5 us (sweep 4)
     ("gemm", "256", 4096, 14336): ("gemm", DotConfig(block_m=64, block_n=64, block_k=256, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=False)),  # 66.1 us (sweep 4)
     ("gemm", "256", 14336, 4096): ("gemm", DotConfig(block_m=128, block_n=64, block_k=128, split_k=1, group_m=8, num_warps=4, num_stages=3, swap_ab=True, tma=True)),  # 45.1 us (sweep 8)
@@ -275,9 +281,9 @@ TUNED: dict[tuple[str, str, int, int], tuple[str, GemvConfig | DotConfig]] = {
     ("splitk", "1", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 46.0 us (sweep 1)
     ("splitk", "1", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 77.1 us (sweep 1)
     ("splitk", "1", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=128, block_k=128, split_k=8, group_m=8, num_warps=4, num_stages=4, swap_ab=True)),  # 77.6 us (sweep 1)
-    ("splitk", "16", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=16, block_k=256, split_k=2, group_m=8, num_warps=2, num_stages=4, swap_ab=False)),  # 15.5 us (sweep 5)
-    ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False)),  # 35.0 us (sweep 5)
-    ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=32, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=True)),  # 34.8 us (sweep 5)
+    ("splitk", "16", 4096, 4096): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=2, num_stages=4, swap_ab=True, tma=True, fast_convert=True)),  # 15.4 us (sweep 10)
+    ("splitk", "16", 4096, 14336): ("splitk", DotConfig(block_m=16, block_n=32, block_k=256, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=False, tma=False, fast_convert=True)),  # 34.7 us (sweep 10)
+    ("splitk", "16", 14336, 4096): ("splitk", DotConfig(block_m=16, block_n=32, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=3, swap_ab=True, tma=False, fast_convert=True)),  # 35.3 us (sweep 10)
     ("splitk", "256", 4096, 4096): ("splitk", DotConfig(block_m=128, block_n=64, block_k=128, split_k=2, group_m=8, num_warps=4, num_stages=4, swap_ab=True, tma=True)),  # 21.9 us (sweep 8)
     ("splitk", "256", 4096, 14336): ("splitk", DotConfig(block_m=128, block_n=128, block_k=128, split_k=4, group_m=8, num_warps=8, num_stages=4, swap_ab=True, tma=True)),  # 47.6 us (sweep 8)
     ("splitk", "256", 14336, 4096): ("splitk", DotConfig(block_m=128, block_n=128, block_k=64, split_k=2, group_m=8, num_warps=8, num_stages=4, swap_ab=False, tma=True)),  # 48.6 us (sweep 8)

@@ -545,7 +545,7 @@ def _dequantize_kernel(
         s = tl.load(s_ptr + r64 * stride_sn + (cols // GROUP_SIZE)[None, :] * stride_sg, mask=mask, other=0.0)
     else:
         s = tl.load(s_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0)[:, None]
-    value = _int8_to_f32(q) * s
+    value = q.to(tl.float32) * s
     tl.store(out_ptr + r64 * K + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
