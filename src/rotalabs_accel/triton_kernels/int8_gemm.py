@@ -98,8 +98,8 @@ def _int8_to_f32(w):
 # int8 -> fp16, four values per instance, on the integer and half-precision pipes (exact: every int8
 # value is an fp16): the byte with its sign bit flipped (q + 128) in the low mantissa bits of 1024 is
 # the fp16 1152 + q, less 1152. Triton's own conversion issues a quarter-rate I2F per value for fp16;
-# for bf16 it already emits byte permutes and packed adds of this kind (sm_90 SASS of the same kernel,
-# Triton 3.6 and 3.9), so bf16 keeps it.
+# for bf16 it issues none (scripts/int8_sass_convert.py: sm_90 SASS, Triton 3.6 and 3.9), so bf16
+# keeps it.
 _INT8X4_TO_F16X4 = tl.constexpr("""{
 .reg .b32 u, e0, e1, bias;
 xor.b32 u, $2, 0x80808080;
