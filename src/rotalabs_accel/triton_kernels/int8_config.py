@@ -117,9 +117,9 @@ class DotConfig:
     aligned (bases and row strides); anywhere else the same tiles run with pointer loads.
     ``fast_convert``: with fp16 activations, the weight's int8 values become fp16 by byte permutes and
     packed subtractions (inline PTX, four values per instance) instead of one quarter-rate
-    integer-to-float conversion per value; the values are the same. bf16 needs no such option (Triton
-    already converts int8 to bf16 that way), nor does Triton's interpreter (it runs the plain
-    conversion).
+    integer-to-float conversion per value; the values are the same. bf16 needs no such option (Triton's
+    own int8 -> bf16 conversion issues no such instruction per value); Triton's interpreter runs the
+    plain conversion.
     """
 
     block_m: int
