@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -420,13 +421,21 @@ def _candidates(variant: str, m: int, best: list | None = None):
     if variant == "gemv":
         if best:  # second pass: split-K and pipeline depth around the best tiles
             for cfg in best:
-                for split, stages in itertools.product((1, 2, 4, 8, 16), (1, 2, 3)):
+                depths = (2, 3, 4, 6) if cfg.tma else (1, 2, 3)
+                for split, stages in itertools.product((1, 2, 4, 8, 16), depths):
                     if (split, stages) != (cfg.split_k, cfg.num_stages):
-                        yield GemvConfig(cfg.block_n, cfg.block_k, split, cfg.num_warps, stages)
+                        yield dataclasses.replace(cfg, split_k=split, num_stages=stages)
             return
         # stages 1: register loads only (the decode winner on an H100); 3: cp.async pipeline
         for (bn, bk, warps), stages in itertools.product(_gemv_tiles(m), (1, 3) if m == 1 else (1,)):
             yield GemvConfig(bn, bk, 1, warps, stages)
+        if m == 1:
+            # TMA-fed weight tiles (GemvConfig.tma): bulk copies into shared memory, several in flight
+            # per program; 4-64 weight values per thread once in registers
+            for bn, bk, warps, stages in itertools.product((4, 8, 16, 32, 64), (128, 256), (2, 4, 8),
+                                                           (3, 4, 6)):
+                if 128 * warps <= bn * bk <= 2048 * warps:
+                    yield GemvConfig(bn, bk, 1, warps, stages, tma=True)
     elif variant in ("splitk", "gemm"):
         splits = [1] if variant == "gemm" else [2, 4, 8]
         if m <= 16:

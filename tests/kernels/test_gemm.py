@@ -145,28 +145,31 @@ def test_w8a16_explicit_configs(device, kernel, config, group_size):
         ("splitk", dict(block_m=16, block_n=32, block_k=16, split_k=3, swap_ab=True), 32),
         ("gemm", dict(block_m=32, block_n=16, block_k=32, group_m=2, swap_ab=True), None),
         ("gemm", dict(block_m=16, block_n=16, block_k=16, swap_ab=False), 48),
+        ("gemv", dict(block_n=8, block_k=32, split_k=2, num_stages=3), None),
+        ("gemv", dict(block_n=16, block_k=16, split_k=4, num_stages=2), 48),
     ],
 )
 def test_w8a16_tma_loads(device, dtype, kernel, config, group_size):
-    """DotConfig.tma: the tensor-core kernel reads x and W through TMA descriptors, whose zero fill
-    replaces the masks at every ragged edge (M = 33, N = 37, K = 96 split unevenly, a last group of
-    48 cut short). Only the loads change, so the product is the pointer-load kernel's, bit for bit,
-    with the same tiles. Operands that break the descriptors' 16-byte rules (a base 2 bytes off, a
-    row stride of K + 1 elements) run the same tiles with pointer loads."""
+    """DotConfig.tma / GemvConfig.tma: the tensor-core kernel reads x and W, the GEMV W, through TMA
+    descriptors, whose zero fill replaces the masks at every ragged edge (N = 37, K = 96 split
+    unevenly, a last group of 48 cut short). Only the loads change, so the product is the pointer-load
+    kernel's, bit for bit, with the same tiles. Operands that break the descriptors' 16-byte rules (a
+    base 2 bytes off, a row stride of K + 1 elements) run the same tiles with pointer loads."""
     from rotalabs_accel.triton_kernels import int8_gemm as kernels
-    from rotalabs_accel.triton_kernels.int8_config import DotConfig
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
 
     assert kernels.tma_available(-1 if device == "cpu" else torch.device(device).index or 0)
-    m, n, k = 33, 37, 96
+    config_class = GemvConfig if kernel == "gemv" else DotConfig
+    m, n, k = (3 if kernel == "gemv" else 33), 37, 96
     x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device=device)
     kernels.clear_plans()
-    out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config, tma=True))
+    out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, config_class(**config, tma=True))
     (plan,) = kernels._PLANS.values()
     assert plan[4] is not None  # the TMA loads ran
     _check_w8a16(out, x, q, s, b, group_size)
-    pointer = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config))
+    pointer = kernels.w8a16_linear(x, q, s, b, group_size, kernel, config_class(**config))
     assert torch.equal(out, pointer)
-    again = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config, tma=True))
+    again = kernels.w8a16_linear(x, q, s, b, group_size, kernel, config_class(**config, tma=True))
     assert torch.equal(out, again)
     # misaligned operands: same tiles, pointer loads, same bits
     shifted = torch.empty(m * k + 8, dtype=dtype, device=device)[1:1 + m * k].view(m, k)
@@ -175,7 +178,7 @@ def test_w8a16_tma_loads(device, dtype, kernel, config, group_size):
     wide[:, :k] = x
     for x_odd in (shifted, wide[:, :k]):
         kernels.clear_plans()
-        odd = kernels.w8a16_linear(x_odd, q, s, b, group_size, kernel, DotConfig(**config, tma=True))
+        odd = kernels.w8a16_linear(x_odd, q, s, b, group_size, kernel, config_class(**config, tma=True))
         (plan,) = kernels._PLANS.values()
         assert plan[4] is None
         assert torch.equal(odd, pointer)

@@ -91,7 +91,9 @@ class GemvConfig:
     Each program streams a ``[block_n, block_k]`` int8 tile per step through a ``num_stages``-deep
     pipeline; ``split_k`` programs share each row of W, their fp32 partial sums reduced in a fixed order
     by the tile's last program (0: chosen from the shape). Loads are 16 bytes wide when
-    ``block_n * block_k >= 16 * 32 * num_warps``.
+    ``block_n * block_k >= 16 * 32 * num_warps``. ``tma`` copies each weight tile into shared memory
+    with a TMA tensor descriptor (``num_stages`` copies in flight per program) instead of loading it
+    into registers, under the rules of ``DotConfig.tma`` (both block sides at most 256).
     """
 
     block_n: int
@@ -99,6 +101,7 @@ class GemvConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 4
+    tma: bool = False
 
 
 @dataclass(frozen=True)
@@ -443,7 +446,8 @@ def resolve_w8a16(
         programs = m * -(-n // block_n)
         split = cfg.split_k or choose_split_k(programs, k_blocks, sm_count, fill=GEMV_FILL, m=m, k=k)
         split = max(1, min(split, k_blocks))
-        return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split)
+        tma = cfg.tma and max(block_n, block_k) <= TMA_MAX_BOX
+        return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split, tma=tma)
     assert isinstance(cfg, DotConfig)
     block_m = min(cfg.block_m, max(16, _next_pow2(m)))
     block_n = min(cfg.block_n, max(16, _next_pow2(n)))

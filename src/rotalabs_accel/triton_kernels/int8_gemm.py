@@ -248,9 +248,12 @@ def _w8a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # Rows of x vary fastest over the grid: the programs that share a weight tile run together and
     # read it from L2 rather than from memory (only a forced GEMV at M > 1 has several rows).
+    # USE_TMA: w_ptr is a host-side tensor descriptor of W [N, K] (block [BLOCK_N, BLOCK_K]); each
+    # weight tile is one bulk copy into shared memory, rows past N and columns past K read as zeros.
     pid = tl.program_id(0)
     pid_m = pid % M
     pid_n = pid // M
@@ -260,7 +263,8 @@ def _w8a16_gemv_kernel(
     rows = tl.minimum(offs_n, N - 1)
     offs_k = tl.arange(0, BLOCK_K)
     k_start = pid_k * k_per_split
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
+    if not USE_TMA:
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
     x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + (k_start + offs_k)
     # The products are accumulated elementwise and reduced over K once after the loop: a reduction per
     # step would add shuffles to a loop whose only job is to keep the memory busy. With group scales,
@@ -274,7 +278,13 @@ def _w8a16_gemv_kernel(
     # memory with cp.async (NUM_STAGES >= 2) by 5-13% at M = 1 (scripts/gemv_variants.py). The
     # weight is read once: evict it first and keep the activation row, which every program reads.
     for k0 in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
+        if USE_TMA:
+            w = w_ptr.load([pid_n * BLOCK_N, k_start + k0])
+            if EVEN_K:
+                x = tl.load(x_ptrs, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_ptrs, mask=offs_k < K - k_start - k0, other=0.0, eviction_policy="evict_last")
+        elif EVEN_K:
             w = tl.load(w_ptrs, eviction_policy="evict_first")
             x = tl.load(x_ptrs, eviction_policy="evict_last")
         else:
@@ -291,7 +301,8 @@ def _w8a16_gemv_kernel(
             acc += part * s
         else:
             acc += prod
-        w_ptrs += BLOCK_K
+        if not USE_TMA:
+            w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
@@ -746,10 +757,13 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
     if variant == "gemv":
         assert isinstance(cfg, GemvConfig)
         _, sub_k = group_block(cfg.block_k, group_size)
+        if cfg.tma and tma_ok and tma_available(index):
+            tma = (None, [cfg.block_n, cfg.block_k])  # the weight only: x is one L2-resident row
         site = KernelLaunch(
             _w8a16_gemv_kernel, (m * triton.cdiv(n, cfg.block_n), split), cfg.num_warps, cfg.num_stages,
             device=index, GROUP_SIZE=gs, SUB_K=sub_k, HAS_BIAS=has_bias, EVEN_K=even_k,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
+            USE_TMA=tma is not None,
         )
     else:
         assert isinstance(cfg, DotConfig)
@@ -892,7 +906,7 @@ def w8a16_linear(
     if tma is None:
         x_arg, w_arg = x, weight
     else:
-        x_arg = _descriptor(x, [m, k], [stride_xm, 1], tma[0])
+        x_arg = x if tma[0] is None else _descriptor(x, [m, k], [stride_xm, 1], tma[0])
         w_arg = _descriptor(weight, [n, k], [stride_wn, 1], tma[1])
     args = (x_arg, w_arg, scale, b_arg, out, part, locks, m, n, k, k_per_split, stride_xm, stride_wn,
             stride_sn, stride_sg)
