@@ -734,7 +734,8 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
     ``launch`` is a ``KernelLaunch`` site with the grid, launch options and constexprs resolved;
     ``tiles`` the output tiles (arrival counters) of a split-K launch, 0 without a split; ``tma`` the
     descriptor blocks ``([block_m, block_k], [block_n, block_k])`` of x and W when the tensor-core
-    kernel loads through TMA (the config asks for it, the device has it and ``tma_ok``: this call's
+    kernel loads through TMA (``(None, [block_n, block_k])`` for the GEMV, which loads only W so)
+    (the config asks for it, the device has it and ``tma_ok``: this call's
     operands meet the descriptors' 16-byte alignment rules), else ``None``. The dequant variant has no
     single launch: its plan is ``(None, DequantConfig, 0, 0, None)``.
     """
