@@ -686,10 +686,10 @@ def test_gpu_tma_loads(n, k, m, group_size):
 def test_fast_convert_stays_off_where_no_ptx_runs():
     """The fp16 weight conversion is inline PTX: a plan for Triton's interpreter (CPU tensors) and a plan
     for bf16 activations do not ask for it."""
+    pytest.importorskip("triton")
     from rotalabs_accel.triton_kernels import int8_gemm as kernels
     from rotalabs_accel.triton_kernels.int8_config import DotConfig
 
-    pytest.importorskip("triton")
     if not kernels.is_triton_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1")
     for dtype in (torch.float16, torch.bfloat16):
