@@ -505,6 +505,11 @@ def _candidates(variant: str, m: int, best: list | None = None):
             yield DotConfig(bm, bn, bk, 1, 8, warps, stages, False)
 
 
+def _sweep_candidates(variant: str, m: int, tma_only: bool) -> list:
+    """The first pass's candidates of one variant, only the TMA-fed ones with ``tma_only``."""
+    return [c for c in _candidates(variant, m) if not tma_only or getattr(c, "tma", False)]
+
+
 def _sweep_variants(m: int, only: list[str] | None = None) -> list[str]:
     variants = ["gemv"] if m <= 16 else []
     if m > 1:  # at M = 1 the GEMV is the decode kernel; the MMA variants keep their tables
@@ -612,7 +617,7 @@ def _sweep_point(n, k, m, deadline, records, compiler, only=None, tma_only=False
     x, q, s = _sweep_inputs(n, k, m)
     best = {}
     for variant in _sweep_variants(m, only):
-        cfgs = [c for c in _candidates(variant, m) if not tma_only or getattr(c, "tma", False)]
+        cfgs = _sweep_candidates(variant, m, tma_only)
         current = TUNED.get((variant, m_bucket(m), n, k))
         if current is not None and current[0] == variant and current[1] not in cfgs:
             cfgs.insert(0, current[1])  # the table's entry: the baseline of the same run
@@ -642,8 +647,8 @@ def run_sweep(args, out_dir: Path):
     shapes = args.sweep_shape or (SHAPES[:1] if args.quick else SHAPES)
     points = list(itertools.product(args.sweep_m or MS, shapes))
     tasks = [(variant, cfg, m, n, k) for m, (n, k) in points
-             for variant in _sweep_variants(m, args.sweep_variants) for cfg in _candidates(variant, m)
-             if not args.sweep_tma_only or getattr(cfg, "tma", False)]
+             for variant in _sweep_variants(m, args.sweep_variants)
+             for cfg in _sweep_candidates(variant, m, args.sweep_tma_only)]
     # compiling is shared across shapes (the same specialization): one shape per configuration suffices,
     # with the largest M so the MMA kernels compile their full tiles
     unique = {}
