@@ -58,6 +58,7 @@ SMALL_SHAPE = (1, 14336)  # one decode token: launch-bound
 QUICK_ACT_SHAPES = [(2048, 4096)]
 QUICK_FFN_SHAPE = (2048, 1024, 2816)
 DTYPE = torch.bfloat16
+SAME_BYTES = "add (same bytes)"
 DEVICE = "cuda"
 ELT = 2
 
@@ -143,7 +144,16 @@ def bench_activation(shapes, rows: list[Row], notes: list[str], ceiling: float, 
                                     pct_of_ceiling=100 * rate / ceiling, note=GRAPH_NOTE))
                     log(f"  fwd+bwd {m}x{n} {name:16s} {g_ms:8.4f} ms {rate:7.0f} GB/s (CUDA-graph replay)")
             del leaves
-        del gate, up, gate_up, grad, expected
+        # Not a peer: an elementwise torch op with the forward's traffic (read two, write one),
+        # what a kernel with no arithmetic reaches at this size (the copy ceiling is a 2 GiB copy).
+        out = torch.empty_like(gate)
+        with torch.no_grad():
+            ms = bench_ms(lambda g=gate, u=up, o=out: torch.add(g, u, out=o), warmup=warmup, rep=rep)
+        rows.append(Row("swiglu_fwd", SAME_BYTES, [m, n], ms, gbps(fwd_bytes, ms),
+                        pct_of_ceiling=100 * gbps(fwd_bytes, ms) / ceiling,
+                        note="torch.add(gate, up, out=): the forward's bytes, no arithmetic; not a peer"))
+        log(f"  fwd     {m}x{n} {SAME_BYTES:16s} {ms:8.4f} ms {gbps(fwd_bytes, ms):7.0f} GB/s")
+        del gate, up, gate_up, grad, expected, out
         torch.cuda.empty_cache()
 
 
@@ -496,7 +506,7 @@ def target_notes(rows: list[Row]) -> list[str]:
             continue
         target = TARGET_FWD_GBPS if op == "swiglu_fwd" else TARGET_FWDBWD_GBPS
         peers = {i: by[(op, i, shape)].GBps for (o, i, s) in by if o == op and s == shape
-                 and not i.startswith("rotalabs")}
+                 and not i.startswith("rotalabs") and i != SAME_BYTES}
         best_peer = max(peers.items(), key=lambda kv: kv[1]) if peers else None
         status = "met" if r.GBps >= target else f"MISSED by {100 * (1 - r.GBps / target):.1f}%"
         ahead = ""
@@ -504,6 +514,10 @@ def target_notes(rows: list[Row]) -> list[str]:
             lead = 100 * (r.GBps / best_peer[1] - 1)
             ahead = (f"; best peer {best_peer[0]} {best_peer[1]:,.0f} GB/s "
                      f"({'ahead' if lead > 0 else 'BEHIND'} by {lead:+.1f}%)")
+        floor = by.get((op, SAME_BYTES, shape))
+        if floor is not None:
+            ahead += (f"; torch.add moving the same bytes {floor.GBps:,.0f} GB/s "
+                      f"(ours {100 * r.GBps / floor.GBps:.1f}% of it)")
         notes.append(f"target {op} {shape[0]}x{shape[1]}: {r.GBps:,.0f} GB/s vs {target:,} -> "
                      f"{status}{ahead}")
     ffn = {r.impl: r for r in rows if r.op == "swiglu_ffn_fwdbwd"}
