@@ -200,7 +200,7 @@ class SwiGLULaunchConfig:
 #   forward  16384x14336: 16x512 tiles, 16 warps  (3,039 GB/s; 8192-element tiles on 16 warps all
 #            within 0.1%);  4096x11008: 2x1024 tiles, 8 warps (2,848 GB/s, partial last column tile;
 #            tiled flat, 2048-element tiles on 8 warps measured the same in the library's kernel:
-#            2,831 vs 2,832 GB/s, swiglu-h100-80gb-hbm3-2026-12-06, though a minimal 1-D kernel of
+#            2,831 vs 2,832 GB/s, results of 2026-12-06 in the history, though a minimal 1-D kernel of
 #            the same tiling reached 2,857-2,860, sweeps/store-hint-variants-h100-80gb-hbm3-2026-12-06).
 #   backward 16384x14336: 4x4096 tiles, 16 warps (3,031 GB/s);  4096x11008: 4x2048, 16 warps (2,923).
 # Large activations take bigger tiles (fewer programs, more bytes in flight per thread); medium ones
