@@ -419,7 +419,10 @@ def test_heuristic_tables_and_candidates(monkeypatch):
         pick = (k.forward_config if direction == "fwd" else k.backward_config)(*shape, 2, 132)
         assert configs[0] == pick and len(set(configs)) == len(configs)
     strategies = {c.strategy for c in k.candidate_configs("fwd", 1024, 262144)}
-    assert strategies == {"chunked", "lookback", "split"}
+    assert strategies == {"chunked", "lookback", "coop", "split"}
+    # coop's programs wait for each other: never a candidate where the interpreter runs them in turn
+    interpreted = {c.strategy for c in k.candidate_configs("fwd", 1024, 262144, 2, k._INTERPRETER_SMS)}
+    assert interpreted == {"chunked", "lookback", "split"}
     tiles = k.candidate_configs("fwd", 4096, 4096)
     assert any(c.programs_per_sm == 0 for c in tiles) and any(c.programs_per_sm > 0 for c in tiles)
 
@@ -677,6 +680,48 @@ def test_gpu_lookback_forward(shape, split_n, group_rows, residual):
     for _ in range(3):
         y, s_out, rstd = k.rmsnorm_forward(x, w, EPS, 0.0, "llama", residual=r, config=cfg)
         assert_within_torch_error(y, base, expected, dtype, f"lookback {shape}")
+        if residual:
+            assert torch.equal(s_out, s)
+        if first is None:
+            first = (y, rstd)
+        assert torch.equal(y, first[0]) and torch.equal(rstd, first[1])
+
+
+def test_coop_strategy_is_refused_off_the_gpu():
+    # Under the interpreter the first slice of a row would wait forever for the next one.
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    x = randn(3, 300)
+    with pytest.raises(ValueError, match="'coop' strategy needs a GPU"):
+        k.rmsnorm_forward(x, None, EPS, 0.0, "llama", config=k.RMSNormConfig("coop", 128, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(
+    "shape, block_n, num_warps",
+    [((1000, 40000), 8192, 16), ((64, 262144), 16384, 32), ((5, 70000), 4096, 8), ((3000, 65536), 8192, 16)],
+    ids=str,
+)
+def test_gpu_coop_forward(shape, block_n, num_warps, residual):
+    # Slices that do not divide the row, more programs than fit on the GPU at once (the waiting and
+    # the ticket order are exercised), bitwise-equal repeats (partials summed in a fixed order).
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    m, n = shape
+    dtype = torch.bfloat16
+    cfg = k.RMSNormConfig("coop", block_n, num_warps)
+    x = randn(m, n, dtype=dtype, device="cuda")
+    r = randn(m, n, dtype=dtype, device="cuda") if residual else None
+    w = _weight(n, dtype, 0.0, "cuda").detach()
+    s = x + r if residual else x
+    expected = rmsnorm_reference(s.double(), w.double(), EPS)
+    base = rmsnorm_reference(s, w, EPS)
+    rstd_ref = torch.rsqrt(s.double().pow(2).mean(-1) + EPS)
+    first = None
+    for _ in range(3):
+        y, s_out, rstd = k.rmsnorm_forward(x, w, EPS, 0.0, "llama", residual=r, config=cfg)
+        assert_within_torch_error(y, base, expected, dtype, f"coop {shape}")
+        torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-5, atol=0)
         if residual:
             assert torch.equal(s_out, s)
         if first is None:

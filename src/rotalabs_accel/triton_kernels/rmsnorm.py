@@ -26,6 +26,13 @@ Strategies (chosen by :func:`forward_config` / :func:`backward_config` from the 
     waits for items with smaller tickets, which are already running, so the wait always ends, on
     any number of SMs. The re-read of a row happens shortly after its first read, from L2: HBM sees
     x once and y once even when the rows are far larger than L2 can hold all at once.
+``coop`` (forward only, large N; GPU only)
+    Rows are cut into ``block_n``-wide slices, one program per ``(row, slice)`` in ticket order. A
+    program loads its slice, publishes its partial sum of squares, waits (spinning on a per-row
+    counter) for the row's other slices, which hold the neighbouring tickets and so are running or
+    done, then normalizes the slice it still holds in registers: x is read once, with no second
+    pass. Triton's interpreter runs programs one at a time, so there the wait would never end: the
+    strategy is refused off the GPU and never chosen there.
 ``split`` (large N)
     Rows are cut into column splits across programs. Forward: one kernel writes per-split partial
     sums of squares, a second one reduces them (fixed order) and normalizes. Backward: one kernel
@@ -90,8 +97,10 @@ class RMSNormConfig:
     """One launch configuration.
 
     Attributes:
-        strategy: ``"tile"``, ``"chunked"``, ``"lookback"`` or ``"split"`` (module docstring).
-        block_n: tile: the padded row width (a power of two >= N); otherwise the chunk width.
+        strategy: ``"tile"``, ``"chunked"``, ``"lookback"``, ``"coop"`` or ``"split"`` (module
+            docstring).
+        block_n: tile: the padded row width (a power of two >= N); coop: the slice each program
+            holds; otherwise the chunk width.
         num_warps: warps per program.
         block_m: tile only: rows per program iteration.
         programs_per_sm: tile/chunked: ``0`` launches one program per row tile (tile: no loop);
@@ -564,6 +573,57 @@ def _rmsnorm_fwd_lookback_kernel(
 
 
 @triton.jit
+def _rmsnorm_fwd_coop_kernel(
+    X, stride_x, R, stride_r, W, Y, stride_y, S, stride_s, RSTD, PART, COUNT, TICKET,
+    M, N, eps, offset, NUM_SPLITS,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, CASTING: tl.constexpr, STORE_RSTD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    # One program per (row, split) in ticket order: the splits of a row hold consecutive tickets.
+    ticket = tl.atomic_add(TICKET, 1)
+    row = ticket // NUM_SPLITS
+    split = ticket % NUM_SPLITS
+    if HAS_RESIDUAL:
+        x_ty = S.dtype.element_ty
+    else:
+        x_ty = X.dtype.element_ty
+    cols = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    row64 = tl.cast(row, tl.int64)
+    # The slice stays in registers from its load to its store: x is read from HBM once.
+    x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    if HAS_RESIDUAL:
+        r = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ty)
+        tl.store(S + row64 * stride_s + cols, x, mask=mask, eviction_policy="evict_first")
+    xf = x.to(tl.float32)
+    tl.store(PART + row64 * NUM_SPLITS + split, tl.sum(xf * xf, axis=0))
+    # Every thread's part of the sum is stored before the count says so (the atomic is one thread's).
+    tl.debug_barrier()
+    tl.atomic_add(COUNT + row64, 1, sem="release")
+    # Only the row's own splits are waited for. Tickets are taken by running programs in order, so
+    # every row before the last one with a ticket out has all its splits running or done and ends
+    # without waiting on anything else; its programs then free their places for the next tickets.
+    # The wait therefore always ends when NUM_SPLITS programs fit on the GPU at once.
+    done = tl.atomic_add(COUNT + row64, 0, sem="acquire")
+    while done < NUM_SPLITS:
+        done = tl.atomic_add(COUNT + row64, 0, sem="acquire")
+    splits = tl.arange(0, SPLITS_P2)
+    # Written by other programs: read through L2 (".cg"), never a stale L1 line. Every split sums
+    # the same partials in the same order, so they all apply the same rstd.
+    parts = tl.load(PART + row64 * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=0.0,
+                    cache_modifier=".cg")
+    rstd = _rstd(tl.sum(parts, axis=0), N, eps)
+    if STORE_RSTD:
+        if split == 0:
+            tl.store(RSTD + row64, rstd)
+    y = _normalized(xf, rstd, x_ty, CASTING)
+    if HAS_WEIGHT:
+        y = y * _load_scale(W, cols, mask, offset, CASTING)
+    tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
 def _rmsnorm_fwd_split_sumsq_kernel(
     X, stride_x, R, stride_r, S, stride_s, PART,
     M, N, SPLIT_N, NUM_SPLITS,
@@ -804,6 +864,14 @@ def _forward_plan(key: tuple, x, weight, residual, config) -> _Plan:
                             BLOCK_N=cfg.block_n, SPLITS_P2=_next_pow2(num_splits))
         sizes = (m, n, stride_x, stride_r, split_n, num_splits, group_rows, num_groups)
         plan = _Plan(_forward_lookback, (site,), sizes, device)
+    elif cfg.strategy == "coop":
+        if device < 0:
+            raise ValueError("rmsnorm_forward: the 'coop' strategy needs a GPU (its programs wait for "
+                             "each other, and Triton's interpreter runs them one at a time)")
+        num_splits = _cdiv(n, cfg.block_n)
+        site = KernelLaunch(_rmsnorm_fwd_coop_kernel, (m * num_splits,), cfg.num_warps, device=device,
+                            **flags, BLOCK_N=cfg.block_n, SPLITS_P2=_next_pow2(num_splits))
+        plan = _Plan(_forward_coop, (site,), (m, n, stride_x, stride_r, num_splits), device)
     elif cfg.strategy == "split":
         split_n, num_splits = _split_layout(m, n, cfg, sms)
         sumsq = KernelLaunch(_rmsnorm_fwd_split_sumsq_kernel, (m, num_splits), cfg.num_warps, device=device,
@@ -841,6 +909,17 @@ def _forward_lookback(plan, x, w, r, y, s, rstd, eps, offset):
     counters = torch.zeros((m + 1,), dtype=torch.int32, device=x.device)  # per-row counts, then the ticket
     args = (x, stride_x, r, stride_r, w, y, n, s, n, rstd, part, counters, counters[m:],
             m, n, eps, offset, split_n, num_splits, group_rows, num_groups)
+    key = (_ptr_bits(x), _ptr_bits(r), _ptr_bits(w), _ptr_bits(y), _ptr_bits(s), _ptr_bits(rstd),
+           _ptr_bits(part), _ptr_bits(counters[m:]))
+    plan.sites[0](args, key)
+
+
+def _forward_coop(plan, x, w, r, y, s, rstd, eps, offset):
+    m, n, stride_x, stride_r, num_splits = plan.sizes
+    part = torch.empty((m, num_splits), dtype=torch.float32, device=x.device)
+    counters = torch.zeros((m + 1,), dtype=torch.int32, device=x.device)  # per-row counts, then the ticket
+    args = (x, stride_x, r, stride_r, w, y, n, s, n, rstd, part, counters, counters[m:],
+            m, n, eps, offset, num_splits)
     key = (_ptr_bits(x), _ptr_bits(r), _ptr_bits(w), _ptr_bits(y), _ptr_bits(s), _ptr_bits(rstd),
            _ptr_bits(part), _ptr_bits(counters[m:]))
     plan.sites[0](args, key)
@@ -1156,6 +1235,12 @@ def candidate_configs(
                     for split_n in (chunk, 16384, 32768):
                         if split_n >= chunk and split_n < 2 * n:
                             out.append(RMSNormConfig("lookback", chunk, num_warps, split_n=split_n))
+            if sms != _INTERPRETER_SMS:
+                # coop's programs wait for each other: GPU only (see RMSNormConfig)
+                for chunk in (4096, 8192, 16384):
+                    for num_warps in (8, 16, 32):
+                        if _elements_per_thread_ok(chunk, num_warps, 8, 32):
+                            out.append(RMSNormConfig("coop", chunk, num_warps))
         for chunk in chunks:
             for num_warps in (8, 16, 32):
                 if _elements_per_thread_ok(chunk, num_warps, 8, 16):
