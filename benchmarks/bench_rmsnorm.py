@@ -28,8 +28,8 @@ training step whose host runs ahead). Peers that cannot be captured are named in
 ``--sweep`` times every candidate launch configuration (``candidate_configs`` in
 ``rotalabs_accel/triton_kernels/rmsnorm.py``) of our kernels at the issue's shapes, prints the fastest
 per shape next to the heuristic's pick, ends with the winning entries written in the format of
-``FWD_TILE_TABLE`` / ``BWD_TILE_TABLE`` / ``FWD_WIDE`` / ``FWD_WIDE_FEW_ROWS`` / ``BWD_WIDE``
-(ready to paste), and writes ``rmsnorm-sweep-<gpu>-<date>.json``.
+``FWD_TILE_TABLE`` / ``BWD_TILE_TABLE`` / ``FWD_WIDE`` / ``FWD_WIDE_ADD`` / ``FWD_WIDE_FEW_ROWS`` /
+``BWD_WIDE`` (ready to paste), and writes ``rmsnorm-sweep-<gpu>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ EPS = 1e-6
 FWD_SHAPES = [(16384, 4096), (16384, 8192), (4096, 4096), (4096, 65536), (1024, 262144)]
 FWDBWD_SHAPES = [(16384, 4096), (16384, 8192), (4096, 4096)]
 FUSED_SHAPES = [(16384, 4096), (16384, 8192)]
+# Beyond the issue's rows: a wide hidden size through the fused forward (its own wide-row config).
+FUSED_WIDE_FWD_SHAPES = [(4096, 65536)]
 SMALL_SHAPES = [(1, 4096), (32, 4096)]
 
 # The issue's H100 targets (GB/s as counted here); the run reports ours and the best peer against them.
@@ -229,14 +231,17 @@ def _forward_backward_rows(b: Bench, m: int, n: int, compiled):
         b.add("rmsnorm_fwdbwd", "liger", (m, n), liger_step, nbytes, note=note, graph=True)
 
 
-def run_fused(b: Bench, shapes):
+def run_fused(b: Bench, shapes, forward_only_shapes=()):
     compiled = torch.compile(eager_hf_add, dynamic=False)
     for m, n in shapes:
         _fused_rows(b, m, n, compiled)
         torch.cuda.empty_cache()
+    for m, n in forward_only_shapes:
+        _fused_rows(b, m, n, compiled, backward=False)
+        torch.cuda.empty_cache()
 
 
-def _fused_rows(b: Bench, m: int, n: int, compiled):
+def _fused_rows(b: Bench, m: int, n: int, compiled, backward: bool = True):
     x = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
     r = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
     w = (torch.randn(n, device=DEVICE) * 0.1 + 1).to(DTYPE).requires_grad_()
@@ -261,7 +266,7 @@ def _fused_rows(b: Bench, m: int, n: int, compiled):
         both_out = torch.empty_like(both)
         b.add("add_rmsnorm_fwd", SAME_BYTES, (m, n), lambda: both_out.copy_(both), 4 * m * n * elt,
               note=SAME_BYTES_NOTE)
-    for impl, f, params in impls:
+    for impl, f, params in impls if backward else ():
         if impl == "F.rms_norm":
             continue  # no fused second output to differentiate
 
@@ -430,7 +435,9 @@ def _cfg_name(c) -> str:
         return f"chunked bn={c.block_n} w={c.num_warps} pps={c.programs_per_sm}{pf}"
     if c.strategy == "lookback":
         return f"lookback bn={c.block_n} w={c.num_warps} sn={c.split_n} gr={c.group_rows}"
-    return f"split bn={c.block_n} w={c.num_warps} sn={c.split_n}"
+    if c.strategy == "coop":
+        return f"coop bn={c.block_n} w={c.num_warps}"
+    return f"{c.strategy} bn={c.block_n} w={c.num_warps} sn={c.split_n}"
 
 
 def _cfg_literal(c) -> str:
@@ -441,7 +448,7 @@ def _cfg_literal(c) -> str:
     return f"RMSNormConfig({', '.join(fields)})"
 
 
-def _table_line(direction, m, n, cfg, sms, elt=2) -> str:
+def _table_line(direction, m, n, cfg, sms, elt=2, fused=False) -> str:
     """Where the winning config goes: a tile-table entry or a wide-row constant."""
     if cfg.strategy == "tile":
         table = "FWD_TILE_TABLE" if direction == "fwd" else "BWD_TILE_TABLE"
@@ -451,7 +458,7 @@ def _table_line(direction, m, n, cfg, sms, elt=2) -> str:
         return f"{table}[{elt}]: {entry}"
     if direction == "bwd":
         return f"BWD_WIDE = {_cfg_literal(cfg)}"
-    name = "FWD_WIDE" if m >= sms else "FWD_WIDE_FEW_ROWS"
+    name = ("FWD_WIDE_ADD" if fused else "FWD_WIDE") if m >= sms else "FWD_WIDE_FEW_ROWS"
     return f"{name} = {_cfg_literal(cfg)}"
 
 
@@ -483,7 +490,7 @@ def run_sweep(out_dir, quick: bool, only_cases: str | None = None, strategies: s
         if result:
             line, best_cfg, gain = result
             summary.append(line)
-            entry = _table_line(direction, m, n, best_cfg, sms)
+            entry = _table_line(direction, m, n, best_cfg, sms, fused=fused)
             verdict = "already the heuristic's pick" if gain <= 1.01 else f"{100 * (gain - 1):.1f}% faster"
             paste.append(f"{entry}    # {direction}{' fused' if fused else ''} {m}x{n}: {verdict}")
         torch.cuda.empty_cache()
@@ -511,7 +518,7 @@ def _sweep_case(rows, direction, m, n, fused, sms, copy, keep=None):
     nbytes = passes * m * n * x.element_size()
     op = f"sweep_{'add_' if fused else ''}{direction}"
     results = []
-    for i, cfg in enumerate(k.candidate_configs(direction, m, n, x.element_size(), sms)):
+    for i, cfg in enumerate(k.candidate_configs(direction, m, n, x.element_size(), sms, fused)):
         if keep is not None and i > 0 and cfg.strategy not in keep:
             continue  # the heuristic's pick (first) is always timed, as the baseline
         if direction == "fwd":
@@ -571,7 +578,7 @@ def main(argv=None):
     else:
         run_forward(b, FWD_SHAPES)
         run_forward_backward(b, FWDBWD_SHAPES)
-        run_fused(b, FUSED_SHAPES)
+        run_fused(b, FUSED_SHAPES, FUSED_WIDE_FWD_SHAPES)
     run_dispatch(b)
     b.notes.append("bf16 inputs and weights; GB/s counts the bytes each op must move (see bench_rmsnorm.py)")
     b.notes.extend(target_notes(b.rows))

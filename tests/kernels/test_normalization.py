@@ -413,6 +413,12 @@ def test_heuristic_tables_and_candidates(monkeypatch):
     assert k.forward_config(1024, 65536, 4, 132) == k.FWD_WIDE
     assert k.forward_config(64, 262144, 2, 132) == k.FWD_WIDE_FEW_ROWS
     assert k.forward_config(64, 65536, 2, 132) == k.FWD_WIDE_FEW_ROWS
+    # The fused forward moves twice the bytes per row and has its own wide-row entry; very wide rows
+    # take the lookback forward with or without a residual.
+    assert k.forward_config(4096, 65536, 2, 132, residual=True) == k.FWD_WIDE_ADD != k.FWD_WIDE
+    assert k.forward_config(1024, 262144, 2, 132, residual=True) == k.FWD_VERY_WIDE
+    assert k.forward_config(64, 65536, 2, 132, residual=True) == k.FWD_WIDE_FEW_ROWS
+    assert k.candidate_configs("fwd", 4096, 65536, residual=True)[0] == k.FWD_WIDE_ADD
     # The sweep's candidates: the heuristic first, no duplicates, and every kernel variant present.
     for direction, shape in (("fwd", (4096, 4096)), ("fwd", (1024, 262144)), ("bwd", (4096, 8192))):
         configs = k.candidate_configs(direction, *shape)
@@ -425,6 +431,17 @@ def test_heuristic_tables_and_candidates(monkeypatch):
     assert interpreted == {"chunked", "lookback", "split"}
     tiles = k.candidate_configs("fwd", 4096, 4096)
     assert any(c.programs_per_sm == 0 for c in tiles) and any(c.programs_per_sm > 0 for c in tiles)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_wide_fused_forward_heuristic(device):
+    # Enough rows for one per SM and rows past the tile range: the fused forward's own chunked entry,
+    # whose chunks (three here, the last one ragged) are checked end to end, gradients included.
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    sms = k._sm_count(0 if device == "cuda" else -1)
+    m, n = sms, 40000
+    assert k.forward_config(m, n, 2, sms, residual=True) == k.FWD_WIDE_ADD
+    _check_fused(device, torch.bfloat16, (m, n), "llama", pad=8)
 
 
 @pytest.mark.parametrize("device", kernel_devices())

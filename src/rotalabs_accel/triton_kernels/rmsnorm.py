@@ -32,7 +32,9 @@ Strategies (chosen by :func:`forward_config` / :func:`backward_config` from the 
     counter) for the row's other slices, which hold the neighbouring tickets and so are running or
     done, then normalizes the slice it still holds in registers: x is read once, with no second
     pass. Triton's interpreter runs programs one at a time, so there the wait would never end: the
-    strategy is refused off the GPU and never chosen there.
+    strategy is refused off the GPU and never chosen there. A sweep candidate only: on the H100 it
+    lost to chunked and lookback at every wide shape swept (best 2,444 vs 2,764 GB/s at 4096x65536,
+    2,373 vs 2,539 at 1024x262144; benchmarks/results/sweeps/rmsnorm-sweep-coop-*).
 ``split`` (large N)
     Rows are cut into column splits across programs. Forward: one kernel writes per-split partial
     sums of squares, a second one reduces them (fixed order) and normalizes. Backward: one kernel
@@ -186,6 +188,10 @@ BWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
 
 # Forward above the tile range with at least one row per SM.
 FWD_WIDE = RMSNormConfig("chunked", block_n=8192, num_warps=32, programs_per_sm=1, prefetch=True)
+# The same rows with a residual to add (twice the bytes per row): one program per row with wider
+# chunks. Sweep (H100, bf16, 4096x65536 + residual): 2,982 GB/s vs FWD_WIDE's 2,722; without a
+# residual those chunks lose (2,646 vs 2,764) (benchmarks/results/sweeps/rmsnorm-sweep-coop-*).
+FWD_WIDE_ADD = RMSNormConfig("chunked", block_n=16384, num_warps=32, prefetch=True)
 # Forward of rows so wide that one row per SM no longer fits in L2 (the chunked path's second read
 # would come from HBM): at least one row per SM and rows x SMs above LOOKBACK_MIN_BYTES_IN_FLIGHT.
 # Sweep (H100, bf16): 1024x262144 lookback 2,527 GB/s vs chunked 2,036; 4096x65536 chunked 2,752 vs
@@ -226,8 +232,9 @@ def _tile_config(entry: tuple, m: int, n: int) -> RMSNormConfig:
     return RMSNormConfig("tile", _next_pow2(n), num_warps, min(block_m, _next_pow2(m)), pps, prefetch)
 
 
-def forward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfig:
-    """Pick the forward launch configuration for an ``(m, n)`` input of ``elt_bytes``-byte elements.
+def forward_config(m: int, n: int, elt_bytes: int, num_sms: int, residual: bool = False) -> RMSNormConfig:
+    """Pick the forward launch configuration for an ``(m, n)`` input of ``elt_bytes``-byte elements
+    (``residual``: the fused residual-add forward).
 
     Example:
         >>> forward_config(16384, 4096, 2, 132).strategy
@@ -238,7 +245,9 @@ def forward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfi
         return _tile_config(entry, m, n)
     if m < num_sms:
         return FWD_WIDE_FEW_ROWS
-    return FWD_VERY_WIDE if n * elt_bytes * num_sms > LOOKBACK_MIN_BYTES_IN_FLIGHT else FWD_WIDE
+    if n * elt_bytes * num_sms > LOOKBACK_MIN_BYTES_IN_FLIGHT:
+        return FWD_VERY_WIDE
+    return FWD_WIDE_ADD if residual else FWD_WIDE
 
 
 def backward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfig:
@@ -842,7 +851,7 @@ def _forward_plan(key: tuple, x, weight, residual, config) -> _Plan:
     sms = _sm_count(device)
     s_dtype = x_dtype if residual is None else torch.promote_types(x_dtype, residual.dtype)
     elt = s_dtype.itemsize
-    cfg = config or forward_config(m, n, elt, sms)
+    cfg = config or forward_config(m, n, elt, sms, residual is not None)
     flags = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
                  CASTING=CASTING_CODES[casting_mode], STORE_RSTD=store_rstd)
     stride_r = 0 if residual is None else residual.stride(0)
@@ -1189,7 +1198,7 @@ def _elements_per_thread_ok(elements: int, num_warps: int, lo: int, hi: int) -> 
 
 
 def candidate_configs(
-    direction: str, m: int, n: int, elt_bytes: int = 2, sms: int = 132
+    direction: str, m: int, n: int, elt_bytes: int = 2, sms: int = 132, residual: bool = False
 ) -> list[RMSNormConfig]:
     """Launch configurations worth timing for ``direction`` (``"fwd"`` or ``"bwd"``) at ``(m, n)``.
 
@@ -1245,8 +1254,10 @@ def candidate_configs(
             for num_warps in (8, 16, 32):
                 if _elements_per_thread_ok(chunk, num_warps, 8, 16):
                     out.append(RMSNormConfig("split", chunk, num_warps))
-    pick = forward_config if direction == "fwd" else backward_config
-    heuristic = pick(m, n, elt_bytes, sms)
+    if direction == "fwd":
+        heuristic = forward_config(m, n, elt_bytes, sms, residual)
+    else:
+        heuristic = backward_config(m, n, elt_bytes, sms)
     seen = {heuristic}
     ordered = [heuristic]
     for c in out:
