@@ -266,7 +266,9 @@ def _fused_rows(b: Bench, m: int, n: int, compiled, backward: bool = True):
         both_out = torch.empty_like(both)
         b.add("add_rmsnorm_fwd", SAME_BYTES, (m, n), lambda: both_out.copy_(both), 4 * m * n * elt,
               note=SAME_BYTES_NOTE)
-    for impl, f, params in impls if backward else ():
+    if not backward:
+        return
+    for impl, f, params in impls:
         if impl == "F.rms_norm":
             continue  # no fused second output to differentiate
 

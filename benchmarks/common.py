@@ -176,6 +176,18 @@ def write_diagnostic(stem: str, records: list, out_dir: Path, **extra) -> Path:
     return path
 
 
+def write_records(out_dir: Path, stem: str, script: str, argv: list[str] | None, records: list) -> Path:
+    """Write a script's raw ``records`` with the environment and the command that made them to
+    ``<out_dir>/<stem>-<gpu>-<date>.json``; returns the path."""
+    env = environment()
+    env["command"] = f"python3 {script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}-{gpu_slug()}-{env['date'][:10]}.json"
+    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
+    print("wrote", path)
+    return path
+
+
 def write_results(name: str, rows: list[Row], ceilings: dict, notes: list[str] | None = None,
                   out_dir: Path | None = None) -> Path:
     """Write ``<name>.json`` and ``<name>.md``; returns the JSON path."""

@@ -13,7 +13,6 @@ distrust. CUDA only.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -23,11 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_ms, environment, gpu_slug  # noqa: E402
+from rmsnorm_rounds import EPS, forward_impls, liger_rmsnorm_class  # noqa: E402
+from size_floor import FLUSH_BYTES  # noqa: E402
 
-EPS = 1e-6
-FLUSH_BYTES = 256 << 20
+from common import bench_ms, write_records  # noqa: E402
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
@@ -55,27 +55,14 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="16384x4096,4096x4096")
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args(argv)
-    from rotalabs_accel import rmsnorm
     from rotalabs_accel.reference.rmsnorm import rmsnorm_reference
 
-    try:
-        from liger_kernel.transformers.rms_norm import LigerRMSNorm
-    except Exception as exc:
-        print(f"liger-kernel unavailable: {exc}")
-        LigerRMSNorm = None
+    liger_cls = liger_rmsnorm_class()
     records = []
     for shape in args.shapes.split(","):
         m, n = (int(v) for v in shape.split("x"))
-        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w = (torch.randn(n, device="cuda") * 0.1 + 1).to(torch.bfloat16)
-        y = torch.empty_like(x)
+        x, w, impls = forward_impls(m, n, liger_cls)
         ref = rmsnorm_reference(x.double(), w.double(), EPS)
-        impls = {"ours": lambda x=x, w=w: rmsnorm(x, w, EPS),
-                 "copy_ (same bytes)": lambda x=x, y=y: y.copy_(x)}
-        if LigerRMSNorm is not None:
-            liger = LigerRMSNorm(n, eps=EPS).to("cuda", torch.bfloat16)
-            liger.weight.data.copy_(w)
-            impls["liger"] = lambda x=x, liger=liger: liger(x)
         with torch.no_grad():
             for name, fn in impls.items():
                 ms = bench_ms(fn)
@@ -89,13 +76,7 @@ def main(argv=None) -> int:
                 print(f"{m}x{n} {name:20s} do_bench {ms * 1000:7.1f} us ({gbps:5.0f} GB/s); kernels: {ks}; "
                       f"max err {err}", flush=True)
         torch.cuda.empty_cache()
-    env = environment()
-    given = argv if argv is not None else sys.argv[1:]
-    env["command"] = "python3 scripts/rmsnorm_kernel_times.py " + " ".join(given)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"rmsnorm-kernel-times-{gpu_slug()}-{env['date'][:10]}.json"
-    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
-    print("wrote", path)
+    write_records(args.out, "rmsnorm-kernel-times", "scripts/rmsnorm_kernel_times.py", argv, records)
     return 0
 
 

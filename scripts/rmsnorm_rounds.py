@@ -13,7 +13,6 @@ prints each round and the median. CUDA only.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,9 +25,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from size_floor import FLUSH_BYTES, read_flush_ms  # noqa: E402
 
-from common import bench_ms, environment, gpu_slug  # noqa: E402
+from common import bench_ms, write_records  # noqa: E402
 
 EPS = 1e-6
+
+
+def liger_rmsnorm_class():
+    """Liger-Kernel's ``LigerRMSNorm``, or ``None`` (with a line saying why) when it cannot be imported."""
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except Exception as exc:  # not installed: the scripts run without it
+        print(f"liger-kernel unavailable: {exc}")
+        return None
+    return LigerRMSNorm
+
+
+def forward_impls(m: int, n: int, liger_cls) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Fresh bf16 ``x`` ``(m, n)`` and weight, and the forwards to time on them: ours, a same-bytes
+    ``copy_`` and (when ``liger_cls`` is given) Liger, built as ``bench_rmsnorm.py`` builds it."""
+    from rotalabs_accel import rmsnorm
+
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, device="cuda") * 0.1 + 1).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    impls = {"ours": lambda: rmsnorm(x, w, EPS), "copy_ (same bytes)": lambda: y.copy_(x)}
+    if liger_cls is not None:
+        liger = liger_cls(n, eps=EPS).to("cuda", torch.bfloat16)
+        liger.weight.data.copy_(w)
+        impls["liger"] = lambda: liger(x)
+    return x, w, impls
 
 
 def main(argv=None) -> int:
@@ -37,26 +62,12 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="4096x4096,16384x4096,4096x65536")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    from rotalabs_accel import rmsnorm
-
-    try:
-        from liger_kernel.transformers.rms_norm import LigerRMSNorm
-    except Exception as exc:  # not installed: the rounds run without it
-        print(f"liger-kernel unavailable: {exc}")
-        LigerRMSNorm = None
+    liger_cls = liger_rmsnorm_class()
     flush = torch.ones(FLUSH_BYTES // 8, device="cuda", dtype=torch.int64)
     records = []
     for shape in args.shapes.split(","):
         m, n = (int(v) for v in shape.split("x"))
-        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w = (torch.randn(n, device="cuda") * 0.1 + 1).to(torch.bfloat16)
-        y = torch.empty_like(x)
-        impls = {"ours": lambda x=x, w=w: rmsnorm(x, w, EPS),
-                 "copy_ (same bytes)": lambda x=x, y=y: y.copy_(x)}
-        if LigerRMSNorm is not None:
-            liger = LigerRMSNorm(n, eps=EPS).to("cuda", torch.bfloat16)
-            liger.weight.data.copy_(w)
-            impls["liger"] = lambda x=x, liger=liger: liger(x)
+        _, _, impls = forward_impls(m, n, liger_cls)
         nbytes = 4 * m * n
         times = {name: {"zero": [], "read": []} for name in impls}
         with torch.no_grad():
@@ -80,13 +91,7 @@ def main(argv=None) -> int:
             print(f"{m}x{n} median {name:20s} zero-flush {rec['median_gbps_zero_flush']:6.0f} GB/s"
                   f"  read-flush {rec['median_gbps_read_flush']:6.0f} GB/s", flush=True)
         torch.cuda.empty_cache()
-    env = environment()
-    given = argv if argv is not None else sys.argv[1:]
-    env["command"] = "python3 scripts/rmsnorm_rounds.py " + " ".join(given)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"rmsnorm-rounds-{gpu_slug()}-{env['date'][:10]}.json"
-    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
-    print("wrote", path)
+    write_records(args.out, "rmsnorm-rounds", "scripts/rmsnorm_rounds.py", argv, records)
     return 0
 
 

@@ -22,7 +22,6 @@ prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import bench_ms, environment, gpu_slug  # noqa: E402
+from common import bench_ms, write_records  # noqa: E402
 
 FLUSH_BYTES = 256 << 20
 
@@ -124,12 +123,7 @@ def main(argv=None) -> int:
                     lambda x=x1, wf=wf: torch.nn.functional.linear(x, wf), 2 * n * k)
             torch.cuda.empty_cache()
 
-    env = environment()
-    env["command"] = "python3 scripts/size_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"size_floor-{gpu_slug()}-{env['date'][:10]}.json"
-    path.write_text(json.dumps({"env": env, "records": records}, indent=1))
-    print("wrote", path)
+    write_records(args.out, "size_floor", "scripts/size_floor.py", argv, records)
     return 0
 
 
