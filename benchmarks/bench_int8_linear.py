@@ -11,6 +11,8 @@ One invocation measures, on one GPU, with bf16 activations:
   not counted; cuBLAS refuses M <= 16);
 * TFLOP/s and weight GB/s (int8: N K bytes + 4 N of scales; bf16: 2 N K), speed-up over cuBLAS, the
   issue's targets and by how much each is met or missed;
+* per shape, the time a kernel takes to read the int8 weight alone, and the bf16 weight alone
+  (``read_floor.py``, same timing): at M <= 128 the notes set each point against that floor;
 * the weight memory of a quantized model against its bf16 weights (``torch.cuda.memory_allocated``),
   and the peak while converting;
 * output SQNR of W8A16 (per channel and groups of 128) and W8A8 on Gaussian weights, and on a real
@@ -142,7 +144,7 @@ def _implementations(m, n, k, x, q, s, w_bf16, eager_dequant, compiled, compile_
     return impls
 
 
-def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
+def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups, floors, times_all):
     dt = torch.bfloat16
     torch.manual_seed(0)
     w = torch.randn(n, k, device=DEVICE) * 0.02
@@ -152,6 +154,8 @@ def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
 
     def eager_dequant(x):
         return x @ (q.to(dt) * s_bf16[:, None]).T
+
+    weight_read_floors(n, k, q, w_bf16, rows, floors)
 
     compiled = None
     compile_name = f"compile_dequant_w8[{args.compile_mode or 'default'}]"
@@ -193,6 +197,7 @@ def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
                     if r.impl.endswith("_only"):
                         r.note = f"a component: {r.ms / base:.1%} of cuBLAS's time; GB/s of its own bytes"
             speedups[(m, n, k)] = {name: base / t for name, t in times.items()}
+        times_all[(m, n, k)] = times
         summary = ", ".join(f"{nm} {t * 1e3:.1f}us" for nm, t in sorted(times.items(), key=lambda kv: kv[1]))
         print(f"M={m:5d} N={n:5d} K={k:5d}: {summary}", flush=True)
 
@@ -213,6 +218,24 @@ def bench_shape(n, k, ms, args, ceilings, rows, notes, speedups):
         if r.shape[1:] == [n, k] and r.impl.startswith("ours"):
             r.extra["sqnr_db"] = round(sq["w8a8_per_token" if "w8a8" in r.impl else "w8a16_per_channel"], 1)
     torch.cuda.empty_cache()
+
+
+def weight_read_floors(n, k, q, w_bf16, rows, floors):
+    """The time to read the int8 weight alone, and the bf16 weight alone, at this shape (the floor of
+    any decode kernel reading them; see read_floor.py)."""
+    from read_floor import READ_CONFIGS, read_floor_ms
+
+    for name, buf in (("int8", q), ("bf16", w_bf16)):
+        ms_, cfg = read_floor_ms(buf, time_ms)
+        nbytes = buf.numel() * buf.element_size()
+        floors[(n, k, name)] = ms_
+        rows.append(Row(op="weight_read_floor", impl=f"read {name} weight", shape=[n, k], ms=ms_,
+                        GBps=nbytes / ms_ / 1e6,
+                        note=f"a kernel that only reads the {name} weight's {nbytes / 2**20:.0f} MiB "
+                             f"(fastest of {len(READ_CONFIGS)} launch shapes: {cfg}); not a peer",
+                        extra={"config": list(cfg), "bytes": nbytes}))
+        print(f"read floor N={n} K={k} {name}: {ms_ * 1e3:.1f} us ({nbytes / ms_ / 1e6:,.0f} GB/s)",
+              flush=True)
 
 
 def w8a8_linear_gemm_only(xq, sx, q, s):
@@ -383,6 +406,28 @@ def target_notes(speedups, notes):
                     f"W8A8 dynamic reaches {got:.2f}x with the activation quantization included, so "
                     "mode='w8a8' (or functional.gemm.W8A8_AUTO_MIN_TOKENS) is the fast prefill path"
                 )
+
+
+def floor_notes(times_all, floors, ceilings, notes):
+    """Per decode point (M <= 128): what reading the weight alone costs, so a missed speed-up target
+    says how far it is from what any kernel reading int8 weights could reach in this harness."""
+    for (m, n, k), times in sorted(times_all.items()):
+        want = TARGETS.get(m, (None, None))[0]
+        ours, base = times.get("ours_w8a16_auto"), times.get("cublas_bf16")
+        r8, r16 = floors.get((n, k, "int8")), floors.get((n, k, "bf16"))
+        if m > 128 or None in (want, ours, base, r8, r16):
+            continue
+        need = base / want
+        parts = [
+            f"reading the int8 weight alone takes {r8 * 1e3:.1f} us, so no kernel reading it beats cuBLAS "
+            f"({base * 1e3:.1f} us) by more than {base / r8:.2f}x here; {want}x needs <= {need * 1e3:.1f} us",
+            f"ours {ours * 1e3:.1f} us is {ours / r8:.2f}x that floor",
+            f"cuBLAS is {base / r16:.2f}x its own floor (reading the bf16 weight: {r16 * 1e3:.1f} us)",
+        ]
+        if m > 1:
+            flops_ms = 2 * m * n * k / (ceilings["gemm_bf16_TFLOPs"] * 1e9)
+            parts.append(f"the product's FLOPs at the bf16 8192^3 cuBLAS rate: {flops_ms * 1e3:.1f} us")
+        notes.append(f"floor M={m} N={n} K={k}: " + "; ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -759,11 +804,14 @@ def main() -> None:
             "activation quantization kernel; ours_w8a8_gemm_only and int_mm_w8a8_noquant do not",
         ]
         speedups: dict[tuple, dict] = {}
+        floors: dict[tuple, float] = {}
+        times_all: dict[tuple, dict] = {}
         shapes = SHAPES[:1] if args.quick else SHAPES
         ms = [MS[0], MS[1], MS[-1]] if args.quick else MS
         for n, k in shapes:
-            bench_shape(n, k, ms, args, ceilings, rows, notes, speedups)
+            bench_shape(n, k, ms, args, ceilings, rows, notes, speedups, floors, times_all)
         target_notes(speedups, notes)
+        floor_notes(times_all, floors, ceilings, notes)
         host_overhead(rows)
         if not args.quick:
             model_memory(rows, notes)
