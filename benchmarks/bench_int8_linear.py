@@ -231,8 +231,9 @@ def weight_read_floors(n, k, q, w_bf16, rows, floors):
         floors[(n, k, name)] = ms_
         rows.append(Row(op="weight_read_floor", impl=f"read {name} weight", shape=[n, k], ms=ms_,
                         GBps=nbytes / ms_ / 1e6,
-                        note=f"a kernel that only reads the {name} weight's {nbytes / 2**20:.0f} MiB "
-                             f"(fastest of {len(READ_CONFIGS)} launch shapes: {cfg}); not a peer",
+                        note=f"a kernel that only reads the {name} weight's {nbytes / 2**20:.0f} MiB, the "
+                             f"fastest of {len(READ_CONFIGS)} tried ({cfg[0]} words x {cfg[1]} steps a "
+                             f"program, {cfg[2]} warps{', evict_first' if cfg[3] else ''}); not a peer",
                         extra={"config": list(cfg), "bytes": nbytes}))
         print(f"read floor N={n} K={k} {name}: {ms_ * 1e3:.1f} us ({nbytes / ms_ / 1e6:,.0f} GB/s)",
               flush=True)
@@ -419,10 +420,11 @@ def floor_notes(times_all, floors, ceilings, notes):
             continue
         need = base / want
         parts = [
-            f"reading the int8 weight alone takes {r8 * 1e3:.1f} us, so no kernel reading it beats cuBLAS "
-            f"({base * 1e3:.1f} us) by more than {base / r8:.2f}x here; {want}x needs <= {need * 1e3:.1f} us",
-            f"ours {ours * 1e3:.1f} us is {ours / r8:.2f}x that floor",
-            f"cuBLAS is {base / r16:.2f}x its own floor (reading the bf16 weight: {r16 * 1e3:.1f} us)",
+            f"a kernel that only reads the int8 weight takes {r8 * 1e3:.1f} us (the fastest read-only "
+            f"kernel tried), cuBLAS {base * 1e3:.1f} us: {base / r8:.2f}x apart; {want}x needs <= "
+            f"{need * 1e3:.1f} us",
+            f"ours {ours * 1e3:.1f} us = {ours / r8:.2f}x that read time",
+            f"cuBLAS = {base / r16:.2f}x the time to read its bf16 weight ({r16 * 1e3:.1f} us)",
         ]
         if m > 1:
             flops_ms = 2 * m * n * k / (ceilings["gemm_bf16_TFLOPs"] * 1e9)
