@@ -28,8 +28,9 @@ training step whose host runs ahead). Peers that cannot be captured are named in
 ``--sweep`` times every candidate launch configuration (``candidate_configs`` in
 ``rotalabs_accel/triton_kernels/rmsnorm.py``) of our kernels at the issue's shapes, prints the fastest
 per shape next to the heuristic's pick, ends with the winning entries written in the format of
-``FWD_TILE_TABLE`` / ``BWD_TILE_TABLE`` / ``FWD_WIDE`` / ``FWD_WIDE_ADD`` / ``FWD_WIDE_FEW_ROWS`` /
-``BWD_WIDE`` (ready to paste), and writes ``rmsnorm-sweep-<gpu>-<date>.json``.
+``FWD_TILE_TABLE`` / ``BWD_TILE_TABLE`` / the wide-row constant the heuristic reads for the shape
+(``FWD_WIDE``, ``FWD_WIDER``, ``FWD_WIDE_ADD``, ``FWD_VERY_WIDE``, ``FWD_WIDE_FEW_ROWS``) / ``BWD_WIDE``
+(ready to paste), and writes ``rmsnorm-sweep-<gpu>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -460,7 +461,12 @@ def _table_line(direction, m, n, cfg, sms, elt=2, fused=False) -> str:
         return f"{table}[{elt}]: {entry}"
     if direction == "bwd":
         return f"BWD_WIDE = {_cfg_literal(cfg)}"
-    name = ("FWD_WIDE_ADD" if fused else "FWD_WIDE") if m >= sms else "FWD_WIDE_FEW_ROWS"
+    # the wide-row constant the heuristic reads for this shape
+    from rotalabs_accel.triton_kernels import rmsnorm as k
+
+    pick = k.forward_config(m, n, elt, sms, fused)
+    name = next((nm for nm in ("FWD_WIDE", "FWD_WIDER", "FWD_WIDE_ADD", "FWD_VERY_WIDE", "FWD_WIDE_FEW_ROWS")
+                 if getattr(k, nm) == pick), "FWD_WIDE")
     return f"{name} = {_cfg_literal(cfg)}"
 
 

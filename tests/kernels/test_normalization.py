@@ -407,6 +407,12 @@ def test_heuristic_tables_and_candidates(monkeypatch):
     assert (large.block_m, large.num_warps, large.programs_per_sm, large.prefetch) == (1, 8, 2, True)
     assert k.forward_config(1, 3000, 2, 132).block_m == 1  # never more rows per tile than there are
     assert k.forward_config(4096, 65536, 2, 132) == k.FWD_WIDE
+    # 2-byte rows past 65536 (still chunked) take twice the chunk; 4-byte rows of that width do not
+    assert k.forward_config(2048, 131072, 2, 132) == k.FWD_WIDER != k.FWD_WIDE
+    assert k.FWD_WIDER.block_n == 2 * k.FWD_WIDE.block_n
+    assert k.forward_config(2048, 65537, 2, 132) == k.FWD_WIDER
+    assert k.forward_config(2048, 65536, 4, 132) == k.FWD_WIDE
+    assert k.forward_config(2048, 131072, 2, 132, residual=True) == k.FWD_WIDE_ADD
     # Rows too wide for one per SM to stay in L2 take the lookback forward; narrower ones stay chunked.
     assert k.forward_config(1024, 262144, 2, 132) == k.FWD_VERY_WIDE
     assert k.forward_config(1024, 131072, 4, 132) == k.FWD_VERY_WIDE
@@ -442,6 +448,18 @@ def test_wide_fused_forward_heuristic(device):
     m, n = sms, 40000
     assert k.forward_config(m, n, 2, sms, residual=True) == k.FWD_WIDE_ADD
     _check_fused(device, torch.bfloat16, (m, n), "llama", pad=8)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_wider_forward_heuristic(device):
+    # 2-byte rows past 65536 with a row per SM: the chunked forward with 16384-wide chunks (five here,
+    # the last one ragged; pass 2's first chunk is loaded before the row's sum is reduced), checked end
+    # to end, gradients included.
+    k = pytest.importorskip("rotalabs_accel.triton_kernels.rmsnorm")
+    sms = k._sm_count(0 if device == "cuda" else -1)
+    m, n = sms, 70000
+    assert k.forward_config(m, n, 2, sms) == k.FWD_WIDER
+    _check_norm(device, torch.bfloat16, (m, n), "llama", pad=8)
 
 
 @pytest.mark.parametrize("device", kernel_devices())

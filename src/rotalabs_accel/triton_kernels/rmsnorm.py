@@ -76,6 +76,7 @@ __all__ = [
     "FWD_TILE_TABLE",
     "BWD_TILE_TABLE",
     "FWD_WIDE",
+    "FWD_WIDER",
     "FWD_WIDE_FEW_ROWS",
     "BWD_WIDE",
     "forward_config",
@@ -188,6 +189,10 @@ BWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
 
 # Forward above the tile range with at least one row per SM.
 FWD_WIDE = RMSNormConfig("chunked", block_n=8192, num_warps=32, programs_per_sm=1, prefetch=True)
+# The same for 2-byte rows wider than 65536 (up to the lookback bound below): twice the chunk. One
+# run (H100, bf16, 2048x131072): 2,536 GB/s against FWD_WIDE's 2,337, both with pass 2's first load
+# issued before the row's reduction (benchmarks/results/sweeps/rmsnorm-wide-variants-*).
+FWD_WIDER = RMSNormConfig("chunked", block_n=16384, num_warps=32, programs_per_sm=1, prefetch=True)
 # The same rows with a residual to add (twice the bytes per row): one program per row with wider
 # chunks. Sweep (H100, bf16, 4096x65536 + residual): 2,982 GB/s vs FWD_WIDE's 2,722; without a
 # residual those chunks lose (2,646 vs 2,764) (benchmarks/results/sweeps/rmsnorm-sweep-coop-*).
@@ -247,7 +252,9 @@ def forward_config(m: int, n: int, elt_bytes: int, num_sms: int, residual: bool 
         return FWD_WIDE_FEW_ROWS
     if n * elt_bytes * num_sms > LOOKBACK_MIN_BYTES_IN_FLIGHT:
         return FWD_VERY_WIDE
-    return FWD_WIDE_ADD if residual else FWD_WIDE
+    if residual:
+        return FWD_WIDE_ADD
+    return FWD_WIDER if elt_bytes <= 2 and n > 65536 else FWD_WIDE
 
 
 def backward_config(m: int, n: int, elt_bytes: int, num_sms: int) -> RMSNormConfig:
@@ -477,6 +484,13 @@ def _rmsnorm_fwd_chunked_kernel(
                 tl.store(S + row64 * stride_s + cols, x, mask=mask, eviction_policy="evict_last")
             xf = x.to(tl.float32)
             acc += xf * xf
+        # Pass 2, in reverse: the chunks read last in pass 1 are the likeliest still in L2.
+        last = (num_chunks - 1) * BLOCK_N + offs
+        if PREFETCH and not HAS_RESIDUAL:
+            # Pass 2's first chunk does not depend on the row's sum: its load is on its way while the
+            # sum is reduced (4096x65536 bf16 on an H100: 2,831 GB/s against 2,706 with the load after
+            # the reduction, benchmarks/results/sweeps/rmsnorm-wide-variants-*).
+            x_next = tl.load(x_row + last, mask=last < N, other=0.0, eviction_policy="evict_first")
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
         if STORE_RSTD:
             tl.store(RSTD + row64, rstd)
@@ -484,9 +498,7 @@ def _rmsnorm_fwd_chunked_kernel(
             src_row = S + row64 * stride_s
         else:
             src_row = x_row
-        # Pass 2, in reverse: the chunks read last in pass 1 are the likeliest still in L2.
-        last = (num_chunks - 1) * BLOCK_N + offs
-        if PREFETCH:
+        if PREFETCH and HAS_RESIDUAL:
             x_next = tl.load(src_row + last, mask=last < N, other=0.0, eviction_policy="evict_first")
         for i in range(0, num_chunks):
             cols = last - i * BLOCK_N
