@@ -16,7 +16,10 @@ Strategies (chosen by :func:`forward_config` / :func:`backward_config` from the 
     One row per loop iteration, walked in ``BLOCK_N`` chunks twice: once for the sum of squares,
     once (in reverse order, so the most recently read chunks come first while they are still in
     L2) to normalize. The first pass loads with ``evict_last`` and the second with ``evict_first``
-    so the row tends to be served from L2 the second time.
+    so the row tends to be served from L2 the second time (at 4096x65536 bf16 on an H100 the kernel
+    reads 1.02x the input's bytes from DRAM). With ``prefetch`` each chunk's successor is loaded
+    before the chunk is used, and the second pass's first chunk is loaded before the row's sum is
+    reduced.
 ``lookback`` (forward only, rows too wide for one per SM to stay in L2: the default there)
     Rows are cut into column splits of ``split_n``; every ``(row, split)`` is one work item, taken
     in the order given by a ticket counter (an atomic increment, so the order is the order in which
