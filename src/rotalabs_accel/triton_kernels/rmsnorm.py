@@ -192,9 +192,10 @@ BWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
 
 # Forward above the tile range with at least one row per SM.
 FWD_WIDE = RMSNormConfig("chunked", block_n=8192, num_warps=32, programs_per_sm=1, prefetch=True)
-# The same for 2-byte rows wider than 65536 (up to the lookback bound below): twice the chunk. One
-# run (H100, bf16, 2048x131072): 2,536 GB/s against FWD_WIDE's 2,337, both with pass 2's first load
-# issued before the row's reduction (benchmarks/results/sweeps/rmsnorm-wide-variants-*).
+# The same for 2-byte rows wider than 65536 (up to the lookback bound below): twice the chunk. H100,
+# bf16, 2048x131072, this kernel: 2,502 GB/s against 2,325 with FWD_WIDE's chunks
+# (benchmarks/results/sweeps/rmsnorm-wide-variants-after-*; 2,536 against 2,337 in the experiment
+# before, rmsnorm-wide-variants-*).
 FWD_WIDER = RMSNormConfig("chunked", block_n=16384, num_warps=32, programs_per_sm=1, prefetch=True)
 # The same rows with a residual to add (twice the bytes per row): one program per row with wider
 # chunks. Sweep (H100, bf16, 4096x65536 + residual): 2,982 GB/s vs FWD_WIDE's 2,722; without a
@@ -491,8 +492,9 @@ def _rmsnorm_fwd_chunked_kernel(
         last = (num_chunks - 1) * BLOCK_N + offs
         if PREFETCH and not HAS_RESIDUAL:
             # Pass 2's first chunk does not depend on the row's sum: its load is on its way while the
-            # sum is reduced (4096x65536 bf16 on an H100: 2,831 GB/s against 2,706 with the load after
-            # the reduction, benchmarks/results/sweeps/rmsnorm-wide-variants-*).
+            # sum is reduced (4096x65536 bf16 on an H100: 2,766 GB/s in the benchmark against 2,702
+            # with the load after the reduction; scripts/rmsnorm_wide_variants.py's copy of the kernel,
+            # 2,831 against 2,706).
             x_next = tl.load(x_row + last, mask=last < N, other=0.0, eviction_policy="evict_first")
         rstd = _rstd(tl.sum(acc, axis=0), N, eps)
         if STORE_RSTD:
