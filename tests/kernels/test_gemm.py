@@ -702,6 +702,72 @@ def test_fast_convert_stays_off_where_no_ptx_runs():
     kernels.clear_plans()
 
 
+def test_gemv_fast_convert_stays_off_where_no_ptx_runs(monkeypatch):
+    """The GEMV's int8 -> fp32 byte permute is inline PTX: plans for Triton's interpreter (CPU tensors),
+    of the GEMV and of the group GEMV, do not ask for it and give the reference's result."""
+    pytest.importorskip("triton")
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import GemvConfig
+
+    if not kernels.is_triton_interpreter():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x, q, s, b = _problem(2, 48, 64, torch.float32)
+    kernels.clear_plans()
+    out = kernels.w8a16_linear(x, q, s, b, None, "gemv", GemvConfig(8, 32, split_k=1, fast_convert=True))
+    (plan,) = kernels._PLANS.values()
+    assert plan[0].constexprs["FAST_CVT"] is False
+    _check_w8a16(out, x, q, s, b)
+    kernels.clear_plans()
+    launched = []
+    real_launch = kernels.launch
+
+    def spy(kernel, grid, args, *options, **constexprs):
+        launched.append(constexprs["FAST_CVT"])
+        return real_launch(kernel, grid, args, *options, **constexprs)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    group = kernels.w8a16_gemv_group(x, [q, q[:16]], [s, s[:16]], fast_convert=True)
+    assert launched == [False]
+    _check_w8a16(group[:, :48], x, q, s, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (1, 1000, 4100), (3, 333, 777)])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_gpu_gemv_fast_convert(dtype, m, n, k, group_size):
+    """The GEMV's byte-permute int8 -> fp32 conversion gives the plain conversion's bits, for a weight
+    holding every int8 value from -128 to 127, with register and TMA loads, with and without a K
+    split, and in the group GEMV."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import GemvConfig
+
+    x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
+    q = (torch.arange(n * k, device="cuda") * 7919 % 256 - 128).to(torch.int8).reshape(n, k)
+    assert set(q.unique().tolist()) == set(range(-128, 128))
+    configs = [GemvConfig(2, 1024, split_k=1, num_warps=2, num_stages=1),
+               GemvConfig(4, 512, split_k=4, num_warps=2, num_stages=1),
+               GemvConfig(8, 256, split_k=1, num_warps=4, num_stages=3),
+               GemvConfig(4, 256, split_k=2, num_warps=4, num_stages=3, tma=True)]
+    for cfg in configs:
+        kernels.clear_plans()
+        fast = kernels.w8a16_linear(x, q, s, b, group_size, "gemv", cfg)
+        (plan,) = kernels._PLANS.values()
+        assert plan[0].constexprs["FAST_CVT"] is True
+        plain = kernels.w8a16_linear(x, q, s, b, group_size, "gemv", GemvConfig(**{**cfg.__dict__,
+                                                                                    "fast_convert": False}))
+        assert torch.equal(fast, plain), f"{cfg}: {rel_err(fast, plain):.1e}"
+        _check_w8a16(fast, x, q, s, b, group_size)
+    if group_size is None:
+        q2, s2 = q[: n // 3 + 1].flip(1).contiguous(), s[: n // 3 + 1].flip(0).contiguous()
+        fast = kernels.w8a16_gemv_group(x, [q, q2], [s, s2], fast_convert=True)
+        plain = kernels.w8a16_gemv_group(x, [q, q2], [s, s2], fast_convert=False)
+        assert torch.equal(fast, plain)
+        _check_w8a16(fast[:, :n], x, q, s, None)
+    kernels.clear_plans()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m, n, k", [(16, 4096, 4096), (128, 1000, 4100), (300, 512, 768)])

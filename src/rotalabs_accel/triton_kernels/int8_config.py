@@ -94,6 +94,10 @@ class GemvConfig:
     ``block_n * block_k >= 16 * 32 * num_warps``. ``tma`` copies each weight tile into shared memory
     with a TMA tensor descriptor (``num_stages`` copies in flight per program) instead of loading it
     into registers, under the rules of ``DotConfig.tma`` (both block sides at most 256).
+    ``fast_convert`` turns each int8 weight into fp32 with one byte permute (inline PTX, four values
+    per instance, the sign flip done once per four) where Triton's byte extraction and flip take two
+    integer instructions per value; the values are the same, and Triton's interpreter runs the plain
+    conversion.
     """
 
     block_n: int
@@ -102,6 +106,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 4
     tma: bool = False
+    fast_convert: bool = True
 
 
 @dataclass(frozen=True)

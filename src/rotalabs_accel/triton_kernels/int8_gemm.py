@@ -95,6 +95,28 @@ def _int8_to_f32(w):
     return biased.to(tl.float32, bitcast=True) - 8388736.0
 
 
+# int8 -> fp32, four values per instance, for the GEMV on CUDA: the same numbers as _int8_to_f32 with
+# one byte permute per value placing the flipped byte (q + 128, the sign flip done once per four values)
+# under the exponent byte of 2^23, where Triton's byte extraction and xor take two integer instructions.
+_INT8X4_TO_F32X4_BIASED = tl.constexpr("""{
+.reg .b32 u;
+xor.b32 u, $4, 0x80808080;
+prmt.b32 $0, u, 0x4B000000, 0x7540;
+prmt.b32 $1, u, 0x4B000000, 0x7541;
+prmt.b32 $2, u, 0x4B000000, 0x7542;
+prmt.b32 $3, u, 0x4B000000, 0x7543;
+}""")
+
+
+@triton.jit
+def _int8_to_f32_prmt(w):
+    """Exact int8 -> fp32 by one byte permute and one subtraction per value (CUDA only)."""
+    biased = tl.inline_asm_elementwise(
+        _INT8X4_TO_F32X4_BIASED, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4
+    )
+    return biased - 8388736.0
+
+
 # int8 -> fp16, four values per instance, on the integer and half-precision pipes (exact: every int8
 # value is an fp16): the byte with its sign bit flipped (q + 128) in the low mantissa bits of 1024 is
 # the fp16 1152 + q, less 1152. Triton's own conversion issues a quarter-rate I2F per value for fp16;
@@ -249,6 +271,7 @@ def _w8a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
     # Rows of x vary fastest over the grid: the programs that share a weight tile run together and
     # read it from L2 rather than from memory (only a forced GEMV at M > 1 has several rows).
@@ -291,7 +314,11 @@ def _w8a16_gemv_kernel(
             k_in = offs_k < K - k_start - k0
             w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=k_in, other=0.0, eviction_policy="evict_last")
-        prod = _int8_to_f32(w) * x.to(tl.float32)[None, :]
+        if FAST_CVT:
+            wf = _int8_to_f32_prmt(w)
+        else:
+            wf = _int8_to_f32(w)
+        prod = wf * x.to(tl.float32)[None, :]
         if GROUP_SIZE > 0:
             part = tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // SUB_K, SUB_K)), axis=2)
             # a block past K (the tail of the last split) loaded zeros: any valid group's scale will do
@@ -358,6 +385,7 @@ def _w8a16_gemv_group_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
     # The programs of weight 0 come first, then those of weight 1 and 2 (N2 = 0: none); each
     # writes its columns of the packed output [M, N0 + N1 + N2]. One launch streams all the weights:
@@ -393,7 +421,11 @@ def _w8a16_gemv_group_kernel(
             k_in = offs_k < K - k0
             w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=k_in, other=0.0, eviction_policy="evict_last")
-        acc += _int8_to_f32(w) * x.to(tl.float32)[None, :]
+        if FAST_CVT:
+            wf = _int8_to_f32_prmt(w)
+        else:
+            wf = _int8_to_f32(w)
+        acc += wf * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
@@ -764,7 +796,7 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
             _w8a16_gemv_kernel, (m * triton.cdiv(n, cfg.block_n), split), cfg.num_warps, cfg.num_stages,
             device=index, GROUP_SIZE=gs, SUB_K=sub_k, HAS_BIAS=has_bias, EVEN_K=even_k,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, NUM_STAGES=cfg.num_stages,
-            USE_TMA=tma is not None,
+            USE_TMA=tma is not None, FAST_CVT=cfg.fast_convert and index >= 0,
         )
     else:
         assert isinstance(cfg, DotConfig)
@@ -1004,12 +1036,14 @@ def w8a16_gemv_group(
     weights: list[torch.Tensor],
     scales: list[torch.Tensor],
     biases: list[torch.Tensor | None] | None = None,
+    fast_convert: bool = True,
 ) -> torch.Tensor:
     """``[x @ (w_i * s_i)^T + b_i for each i]`` side by side, ``[M, sum N_i]``, in one launch.
 
     For two or three weights of one input (q/k/v, gate/up) at small M: the GEMV of
     :func:`w8a16_linear` over all of them at once. Per-channel fp32 scales ``[N_i]``; ``biases``
-    all tensors of one dtype, all ``None``, or ``None``.
+    all tensors of one dtype, all ``None``, or ``None``. ``fast_convert`` as in ``GemvConfig`` (CUDA
+    only; the same values either way).
     """
     if biases is not None and all(b is None for b in biases):
         biases = None
@@ -1047,7 +1081,7 @@ def w8a16_gemv_group(
             weights[2].stride(0), out.stride(0))
     index = x.get_device()
     constexprs = {"HAS_BIAS": has_bias, "EVEN_K": k % block_k == 0, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "NUM_STAGES": 1}
+                  "NUM_STAGES": 1, "FAST_CVT": fast_convert and index >= 0}
     on_device(index, lambda: launch(_w8a16_gemv_group_kernel, grid, args, num_warps, 1, **constexprs))
     return out
 
