@@ -746,10 +746,10 @@ def test_gpu_gemv_fast_convert(dtype, m, n, k, group_size):
     x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
     q = (torch.arange(n * k, device="cuda") * 7919 % 256 - 128).to(torch.int8).reshape(n, k)
     assert set(q.unique().tolist()) == set(range(-128, 128))
-    configs = [GemvConfig(2, 1024, split_k=1, num_warps=2, num_stages=1),
-               GemvConfig(4, 512, split_k=4, num_warps=2, num_stages=1),
-               GemvConfig(8, 256, split_k=1, num_warps=4, num_stages=3),
-               GemvConfig(4, 256, split_k=2, num_warps=4, num_stages=3, tma=True)]
+    configs = [GemvConfig(2, 1024, split_k=1, num_warps=2, num_stages=1, fast_convert=True),
+               GemvConfig(4, 512, split_k=4, num_warps=2, num_stages=1, fast_convert=True),
+               GemvConfig(8, 256, split_k=1, num_warps=4, num_stages=3, fast_convert=True),
+               GemvConfig(4, 256, split_k=2, num_warps=4, num_stages=3, tma=True, fast_convert=True)]
     for cfg in configs:
         kernels.clear_plans()
         fast = kernels.w8a16_linear(x, q, s, b, group_size, "gemv", cfg)

@@ -97,7 +97,10 @@ class GemvConfig:
     ``fast_convert`` turns each int8 weight into fp32 with one byte permute (inline PTX, four values
     per instance, the sign flip done once per four) where Triton's byte extraction and flip take two
     integer instructions per value; the values are the same, and Triton's interpreter runs the plain
-    conversion.
+    conversion. Off by default: the K loop has 13% fewer instructions with it, yet on an H100 the
+    tuned decode tiles ran 1.5-16% slower with it and the best tile of a 28-tile neighbourhood was
+    no faster (benchmarks/results/logs/gemv_fast_convert-h100-2026-12-07.txt): the GEMV is bound by
+    its loads, not by issuing the conversion.
     """
 
     block_n: int
@@ -106,7 +109,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 4
     tma: bool = False
-    fast_convert: bool = True
+    fast_convert: bool = False
 
 
 @dataclass(frozen=True)

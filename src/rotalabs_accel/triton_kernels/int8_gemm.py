@@ -95,9 +95,12 @@ def _int8_to_f32(w):
     return biased.to(tl.float32, bitcast=True) - 8388736.0
 
 
-# int8 -> fp32, four values per instance, for the GEMV on CUDA: the same numbers as _int8_to_f32 with
-# one byte permute per value placing the flipped byte (q + 128, the sign flip done once per four values)
-# under the exponent byte of 2^23, where Triton's byte extraction and xor take two integer instructions.
+# int8 -> fp32, four values per instance, for the GEMV on CUDA (GemvConfig.fast_convert, off by default):
+# the same numbers as _int8_to_f32 with one byte permute per value placing the flipped byte (q + 128,
+# the sign flip done once per four values) under the exponent byte of 2^23, where Triton's byte
+# extraction and xor take two integer instructions. Fewer instructions, yet slower on an H100: the
+# tuned decode tiles took 14.2 vs 12.3 us (4096 x 4096) and 30.1 vs 27.7 us (4096 x 14336) with it
+# (benchmarks/results/logs/gemv_fast_convert-h100-2026-12-07.txt).
 _INT8X4_TO_F32X4_BIASED = tl.constexpr("""{
 .reg .b32 u;
 xor.b32 u, $4, 0x80808080;
@@ -1036,14 +1039,15 @@ def w8a16_gemv_group(
     weights: list[torch.Tensor],
     scales: list[torch.Tensor],
     biases: list[torch.Tensor | None] | None = None,
-    fast_convert: bool = True,
+    fast_convert: bool = False,
 ) -> torch.Tensor:
     """``[x @ (w_i * s_i)^T + b_i for each i]`` side by side, ``[M, sum N_i]``, in one launch.
 
     For two or three weights of one input (q/k/v, gate/up) at small M: the GEMV of
     :func:`w8a16_linear` over all of them at once. Per-channel fp32 scales ``[N_i]``; ``biases``
     all tensors of one dtype, all ``None``, or ``None``. ``fast_convert`` as in ``GemvConfig`` (CUDA
-    only; the same values either way).
+    only; the same values either way; 15.4 vs 15.5 us for q/k/v and 49.3 vs 50.3 us for gate/up of
+    4096 -> 2 x 14336 on an H100, within run-to-run spread, so off by default).
     """
     if biases is not None and all(b is None for b in biases):
         biases = None
