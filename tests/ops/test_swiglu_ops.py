@@ -14,6 +14,8 @@ Tolerance factor per dtype (the bound is ``factor * err(PyTorch) + half a unit r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,7 +145,9 @@ def _configs():
 
     return [
         SwiGLULaunchConfig(block_m=1, block_n=16, num_warps=1),
+        SwiGLULaunchConfig(block_m=1, block_n=16, num_warps=1, grid_2d=False),  # linear tile index
         SwiGLULaunchConfig(block_m=4, block_n=32, num_warps=2, evict_first=False),
+        SwiGLULaunchConfig(block_m=4, block_n=32, num_warps=2, grid_2d=False),
         SwiGLULaunchConfig(block_m=2, block_n=64, num_warps=4, programs_per_sm=2),  # persistent loop
         SwiGLULaunchConfig(block_m=8, block_n=8, num_warps=1, programs_per_sm=1),  # persistent, even
         SwiGLULaunchConfig(block_m=2, block_n=64, num_warps=2, flat=True),  # one long row
@@ -261,8 +265,9 @@ def test_launch_sites_are_memoized_and_match_the_configs(device, recorded_launch
         assert kernel is want_kernel
         c = pick(m, n)
         # row strides 2n: not contiguous, so a flat table row keeps its 2-D tiles
-        assert grid == (m // c.block_m * -(-n // c.block_n), 1, 1) and num_warps == c.num_warps
+        assert grid == (-(-n // c.block_n), m // c.block_m, 1) and num_warps == c.num_warps
         assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"]) == (c.block_m, c.block_n, False)
+        assert meta["GRID_2D"] is True
         assert meta["EVEN"] is (n % c.block_n == 0) and meta["LOAD_POLICY"] == ""
         assert meta.get("STORE_H") is store_h
     assert recorded_launches[3:] == recorded_launches[:3]
@@ -288,7 +293,24 @@ def test_table_flat_rows_tile_contiguous_operands_as_one_row(device, recorded_la
     assert again[2] == args
     k.swiglu_forward_rows(t, t, t, m, n, n + 8, n, n)  # gate rows strided: 2-D tiles
     grid = recorded_launches[-1][1]
-    assert grid == (m // c.block_m * -(-n // c.block_n), 1, 1) and recorded_launches[-1][2][3:5] == (m, n)
+    assert grid == (-(-n // c.block_n), m // c.block_m, 1) and recorded_launches[-1][2][3:5] == (m, n)
+
+
+def test_grid_layout_of_one_program_per_tile():
+    """Column tiles by row tiles on a 2-D grid, up to CUDA's 65535 row tiles; past that, with
+    ``grid_2d=False`` and for persistent grids, one linear axis."""
+    from rotalabs_accel.triton_kernels import swiglu as k
+
+    c = k.SwiGLULaunchConfig(block_m=2, block_n=1024, num_warps=8)
+    assert k._make_plan(c, 4096, 11008, -1, None)[0] == (11, 2048, 1)
+    grid, _, meta = k._make_plan(c, 2 * 65535, 11008, -1, None)
+    assert grid == (11, 65535, 1) and meta["GRID_2D"] is True
+    grid, _, meta = k._make_plan(c, 2 * 65535 + 1, 11008, -1, False)
+    assert grid == (11 * 65536, 1, 1) and meta["GRID_2D"] is False and meta["PERSISTENT"] is False
+    grid, _, meta = k._make_plan(replace(c, grid_2d=False), 4096, 11008, -1, None)
+    assert grid == (11 * 2048, 1, 1) and meta["GRID_2D"] is False
+    grid, _, meta = k._make_plan(replace(c, programs_per_sm=2), 4096, 11008, -1, None)
+    assert grid == (2, 1, 1) and meta["PERSISTENT"] is True and meta["GRID_2D"] is False
 
 
 @pytest.mark.parametrize("device", kernel_devices())

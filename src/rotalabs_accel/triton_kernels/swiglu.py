@@ -55,10 +55,15 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _tile_offsets(tile, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_tile(tile, n_cols, BLOCK_N: tl.constexpr):
+    # A linear tile index as (row tile, column tile), column tiles fastest (1-D grids only: the
+    # integer division costs a short-lived program a few percent of its life before its first load).
     n_col_tiles = tl.cdiv(n_cols, BLOCK_N)
-    tile_m = tile // n_col_tiles
-    tile_n = tile % n_col_tiles
+    return tile // n_col_tiles, tile % n_col_tiles
+
+
+@triton.jit
+def _tile_offsets(tile_m, tile_n, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -86,10 +91,10 @@ def _store(ptrs, value, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _forward_tile(
-    tile, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col,
+    tile_m, tile_n, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
 ):
-    rows, cols, mask = _tile_offsets(tile, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, mask = _tile_offsets(tile_m, tile_n, n_rows, n_cols, BLOCK_M, BLOCK_N)
     gate = _load(gate_ptr + rows * stride_gate + cols, mask, EVEN, LOAD_POLICY)
     up = _load(up_ptr + up_col + rows * stride_up + cols, mask, EVEN, LOAD_POLICY)
     _store(out_ptr + rows * stride_out + cols, gate * tl.sigmoid(gate) * up, mask, EVEN)
@@ -99,26 +104,32 @@ def _forward_tile(
 def _swiglu_forward_kernel(
     gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up, stride_out, up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, GRID_2D: tl.constexpr,
 ):
+    # GRID_2D: one program per tile, column tiles on the grid's first axis and row tiles on its second
     if PERSISTENT:
         n_tiles = tl.cdiv(n_rows, BLOCK_M) * tl.cdiv(n_cols, BLOCK_N)
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _forward_tile(tile, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up,
+            tile_m, tile_n = _split_tile(tile, n_cols, BLOCK_N)
+            _forward_tile(tile_m, tile_n, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up,
                           stride_out, up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY)
     else:
-        _forward_tile(tl.program_id(0), gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up,
+        if GRID_2D:
+            tile_m, tile_n = tl.program_id(1), tl.program_id(0)
+        else:
+            tile_m, tile_n = _split_tile(tl.program_id(0), n_cols, BLOCK_N)
+        _forward_tile(tile_m, tile_n, gate_ptr, up_ptr, out_ptr, n_rows, n_cols, stride_gate, stride_up,
                       stride_out, up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY)
 
 
 @triton.jit
 def _backward_tile(
-    tile, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows, n_cols,
+    tile_m, tile_n, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows, n_cols,
     stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
     STORE_H: tl.constexpr,
 ):
-    rows, cols, mask = _tile_offsets(tile, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, mask = _tile_offsets(tile_m, tile_n, n_rows, n_cols, BLOCK_M, BLOCK_N)
     grad_out = _load(grad_out_ptr + rows * stride_grad_out + cols, mask, EVEN, LOAD_POLICY)
     gate = _load(gate_ptr + rows * stride_gate + cols, mask, EVEN, LOAD_POLICY)
     up = _load(up_ptr + up_col + rows * stride_up + cols, mask, EVEN, LOAD_POLICY)
@@ -139,16 +150,22 @@ def _swiglu_backward_kernel(
     grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows, n_cols,
     stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up, stride_h, up_col, grad_up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, LOAD_POLICY: tl.constexpr,
-    STORE_H: tl.constexpr, PERSISTENT: tl.constexpr,
+    STORE_H: tl.constexpr, PERSISTENT: tl.constexpr, GRID_2D: tl.constexpr,
 ):
     if PERSISTENT:
         n_tiles = tl.cdiv(n_rows, BLOCK_M) * tl.cdiv(n_cols, BLOCK_N)
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _backward_tile(tile, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr, n_rows,
-                           n_cols, stride_grad_out, stride_gate, stride_up, stride_grad_gate, stride_grad_up,
-                           stride_h, up_col, grad_up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY, STORE_H)
+            tile_m, tile_n = _split_tile(tile, n_cols, BLOCK_N)
+            _backward_tile(tile_m, tile_n, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr,
+                           n_rows, n_cols, stride_grad_out, stride_gate, stride_up, stride_grad_gate,
+                           stride_grad_up, stride_h, up_col, grad_up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY,
+                           STORE_H)
     else:
-        _backward_tile(tl.program_id(0), grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr,
+        if GRID_2D:
+            tile_m, tile_n = tl.program_id(1), tl.program_id(0)
+        else:
+            tile_m, tile_n = _split_tile(tl.program_id(0), n_cols, BLOCK_N)
+        _backward_tile(tile_m, tile_n, grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, h_ptr,
                        n_rows, n_cols, stride_grad_out, stride_gate, stride_up, stride_grad_gate,
                        stride_grad_up, stride_h, up_col, grad_up_col, BLOCK_M, BLOCK_N, EVEN, LOAD_POLICY,
                        STORE_H)
@@ -174,6 +191,9 @@ class SwiGLULaunchConfig:
         flat: when every operand is contiguous (row stride = cols, no column offsets) and the
             problem has under 2**31 elements, tile it as one row of ``rows * cols`` elements with
             ``block_m * block_n``-element tiles: no partial column tiles. Otherwise ignored.
+        grid_2d: a grid of one program per tile (not persistent) is laid out in two dimensions,
+            column tiles by row tiles, so a program reads its tile's coordinates off the grid instead
+            of dividing a linear index (up to 65535 row tiles; beyond that the grid is 1-D).
     """
 
     block_m: int
@@ -182,6 +202,7 @@ class SwiGLULaunchConfig:
     programs_per_sm: int = 0
     evict_first: bool = False
     flat: bool = False
+    grid_2d: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "num_warps"):
@@ -235,6 +256,7 @@ BACKWARD_H_TABLE: tuple[TableRow, ...] = (
 # no data; the sweeps found partial tiles of up to 1/7 idle lanes (14336 = 3.5 x 4096) no slower.
 MIN_BLOCK_N = 256
 MAX_COLUMN_WASTE = 1 / 6
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -291,12 +313,16 @@ def _sm_count(device_index: int) -> int:
 def _make_plan(config: SwiGLULaunchConfig, n_rows: int, n_cols: int, device_index: int,
                store_h: bool | None) -> tuple[tuple[int, int, int], int, dict]:
     """``(grid, num_warps, constexprs)`` of one launch; ``store_h`` is ``None`` for the forward kernel."""
-    n_tiles = _cdiv(n_rows, config.block_m) * _cdiv(n_cols, config.block_n)
-    grid, persistent = n_tiles, False
+    row_tiles, col_tiles = _cdiv(n_rows, config.block_m), _cdiv(n_cols, config.block_n)
+    n_tiles = row_tiles * col_tiles
+    grid, persistent = (n_tiles, 1, 1), False
     if config.programs_per_sm:
         programs = config.programs_per_sm * _sm_count(device_index)
         if programs < n_tiles:
-            grid, persistent = programs, True
+            grid, persistent = (programs, 1, 1), True
+    grid_2d = config.grid_2d and not persistent and row_tiles <= MAX_GRID_Y
+    if grid_2d:
+        grid = (col_tiles, row_tiles, 1)
     meta = {
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
@@ -306,7 +332,8 @@ def _make_plan(config: SwiGLULaunchConfig, n_rows: int, n_cols: int, device_inde
     if store_h is not None:
         meta["STORE_H"] = store_h
     meta["PERSISTENT"] = persistent
-    return (grid, 1, 1), config.num_warps, meta
+    meta["GRID_2D"] = grid_2d
+    return grid, config.num_warps, meta
 
 
 # Launch sites of the table's configurations, one per distinct problem (kernel kind, shape, strides,
