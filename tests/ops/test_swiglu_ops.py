@@ -145,9 +145,9 @@ def _configs():
 
     return [
         SwiGLULaunchConfig(block_m=1, block_n=16, num_warps=1),
-        SwiGLULaunchConfig(block_m=1, block_n=16, num_warps=1, grid_2d=False),  # linear tile index
+        SwiGLULaunchConfig(block_m=1, block_n=16, num_warps=1, grid_2d=True),  # tile from the 2-D grid
         SwiGLULaunchConfig(block_m=4, block_n=32, num_warps=2, evict_first=False),
-        SwiGLULaunchConfig(block_m=4, block_n=32, num_warps=2, grid_2d=False),
+        SwiGLULaunchConfig(block_m=4, block_n=32, num_warps=2, grid_2d=True),
         SwiGLULaunchConfig(block_m=2, block_n=64, num_warps=4, programs_per_sm=2),  # persistent loop
         SwiGLULaunchConfig(block_m=8, block_n=8, num_warps=1, programs_per_sm=1),  # persistent, even
         SwiGLULaunchConfig(block_m=2, block_n=64, num_warps=2, flat=True),  # one long row
@@ -265,9 +265,9 @@ def test_launch_sites_are_memoized_and_match_the_configs(device, recorded_launch
         assert kernel is want_kernel
         c = pick(m, n)
         # row strides 2n: not contiguous, so a flat table row keeps its 2-D tiles
-        assert grid == (-(-n // c.block_n), m // c.block_m, 1) and num_warps == c.num_warps
+        assert grid == (m // c.block_m * -(-n // c.block_n), 1, 1) and num_warps == c.num_warps
         assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["PERSISTENT"]) == (c.block_m, c.block_n, False)
-        assert meta["GRID_2D"] is True
+        assert meta["GRID_2D"] is False
         assert meta["EVEN"] is (n % c.block_n == 0) and meta["LOAD_POLICY"] == ""
         assert meta.get("STORE_H") is store_h
     assert recorded_launches[3:] == recorded_launches[:3]
@@ -293,15 +293,16 @@ def test_table_flat_rows_tile_contiguous_operands_as_one_row(device, recorded_la
     assert again[2] == args
     k.swiglu_forward_rows(t, t, t, m, n, n + 8, n, n)  # gate rows strided: 2-D tiles
     grid = recorded_launches[-1][1]
-    assert grid == (-(-n // c.block_n), m // c.block_m, 1) and recorded_launches[-1][2][3:5] == (m, n)
+    assert grid == (m // c.block_m * -(-n // c.block_n), 1, 1) and recorded_launches[-1][2][3:5] == (m, n)
 
 
 def test_grid_layout_of_one_program_per_tile():
-    """Column tiles by row tiles on a 2-D grid, up to CUDA's 65535 row tiles; past that, with
-    ``grid_2d=False`` and for persistent grids, one linear axis."""
+    """With ``grid_2d``: column tiles by row tiles on a 2-D grid, up to CUDA's 65535 row tiles; past
+    that, without it (the default) and for persistent grids, one linear axis."""
     from rotalabs_accel.triton_kernels import swiglu as k
 
-    c = k.SwiGLULaunchConfig(block_m=2, block_n=1024, num_warps=8)
+    assert not k.SwiGLULaunchConfig(1, 16, 1).grid_2d
+    c = k.SwiGLULaunchConfig(block_m=2, block_n=1024, num_warps=8, grid_2d=True)
     assert k._make_plan(c, 4096, 11008, -1, None)[0] == (11, 2048, 1)
     grid, _, meta = k._make_plan(c, 2 * 65535, 11008, -1, None)
     assert grid == (11, 65535, 1) and meta["GRID_2D"] is True

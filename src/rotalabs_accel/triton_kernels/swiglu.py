@@ -56,8 +56,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _split_tile(tile, n_cols, BLOCK_N: tl.constexpr):
-    # A linear tile index as (row tile, column tile), column tiles fastest (1-D grids only: the
-    # integer division costs a short-lived program a few percent of its life before its first load).
+    # A linear tile index as (row tile, column tile), column tiles fastest (1-D grids). A 2-D grid
+    # (SwiGLULaunchConfig.grid_2d) skips this division; on an H100 that changed nothing measurable.
     n_col_tiles = tl.cdiv(n_cols, BLOCK_N)
     return tile // n_col_tiles, tile % n_col_tiles
 
@@ -193,7 +193,10 @@ class SwiGLULaunchConfig:
             ``block_m * block_n``-element tiles: no partial column tiles. Otherwise ignored.
         grid_2d: a grid of one program per tile (not persistent) is laid out in two dimensions,
             column tiles by row tiles, so a program reads its tile's coordinates off the grid instead
-            of dividing a linear index (up to 65535 row tiles; beyond that the grid is 1-D).
+            of dividing a linear index (up to 65535 row tiles; beyond that the grid is 1-D). Off by
+            default: on an H100 it moved the table's tiles by -0.5% to +0.4% forward and -0.7% to
+            +0.2% backward (benchmarks/results/logs/swiglu_grid_variants-h100-2026-12-07.txt); the
+            division is not what keeps the 4096x11008 forward below a minimal 1-D kernel.
     """
 
     block_m: int
@@ -202,7 +205,7 @@ class SwiGLULaunchConfig:
     programs_per_sm: int = 0
     evict_first: bool = False
     flat: bool = False
-    grid_2d: bool = True
+    grid_2d: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "num_warps"):
@@ -222,7 +225,9 @@ class SwiGLULaunchConfig:
 #            within 0.1%);  4096x11008: 2x1024 tiles, 8 warps (2,848 GB/s, partial last column tile;
 #            tiled flat, 2048-element tiles on 8 warps measured the same in the library's kernel:
 #            2,831 vs 2,832 GB/s, results of 2026-12-06 in the history, though a minimal 1-D kernel of
-#            the same tiling reached 2,857-2,860, sweeps/store-hint-variants-h100-80gb-hbm3-2026-12-06).
+#            the same tiling reached 2,857-2,860, sweeps/store-hint-variants-h100-80gb-hbm3-2026-12-06;
+#            in scripts/swiglu_grid_variants.py's run the table's tiles took 95.0 us, 2,848 GB/s, the
+#            minimal kernel 94.6 us, torch.add of the same bytes 94.8 and torch.compile 94.9).
 #   backward 16384x14336: 4x4096 tiles, 16 warps (3,031 GB/s);  4096x11008: 4x2048, 16 warps (2,923).
 # Large activations take bigger tiles (fewer programs, more bytes in flight per thread); medium ones
 # smaller tiles, so the grid still has many waves of programs. BACKWARD_H_TABLE serves the backward
