@@ -48,6 +48,13 @@ def _check_w8a16(out, x, q, s, b, group_size=None):
     assert_within_torch_error(out, baseline, ref64, x.dtype)
 
 
+def _every_int8_value(n, k, device="cuda"):
+    """An int8 ``[n, k]`` weight holding every value from -128 to 127, scattered over rows and columns."""
+    q = (torch.arange(n * k, device=device) * 7919 % 256 - 128).to(torch.int8).reshape(n, k)
+    assert set(q.unique().tolist()) == set(range(-128, 128))
+    return q
+
+
 def _w8a8_exact64(x, q, s, b):
     """W8A8 evaluated exactly from the reference's quantized activations (float64 throughout)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -744,8 +751,7 @@ def test_gpu_gemv_fast_convert(dtype, m, n, k, group_size):
     from rotalabs_accel.triton_kernels.int8_config import GemvConfig
 
     x, q, s, b = _problem(m, n, k, dtype, group_size=group_size, device="cuda")
-    q = (torch.arange(n * k, device="cuda") * 7919 % 256 - 128).to(torch.int8).reshape(n, k)
-    assert set(q.unique().tolist()) == set(range(-128, 128))
+    q = _every_int8_value(n, k)
     configs = [GemvConfig(2, 1024, split_k=1, num_warps=2, num_stages=1, fast_convert=True),
                GemvConfig(4, 512, split_k=4, num_warps=2, num_stages=1, fast_convert=True),
                GemvConfig(8, 256, split_k=1, num_warps=4, num_stages=3, fast_convert=True),
@@ -780,8 +786,7 @@ def test_gpu_fast_convert_fp16(m, n, k, group_size):
     from rotalabs_accel.triton_kernels.int8_config import DotConfig
 
     x, q, s, b = _problem(m, n, k, torch.float16, group_size=group_size, device="cuda")
-    q = (torch.arange(n * k, device="cuda") * 7919 % 256 - 128).to(torch.int8).reshape(n, k)
-    assert set(q.unique().tolist()) == set(range(-128, 128))
+    q = _every_int8_value(n, k)
     configs = [("gemm", DotConfig(64, 64, 128, num_warps=4, num_stages=3, swap_ab=False)),
                ("gemm", DotConfig(16, 64, 128, num_warps=4, num_stages=4, swap_ab=True)),
                ("splitk", DotConfig(128, 64, 128, split_k=2, num_warps=4, num_stages=4, swap_ab=True)),
