@@ -49,9 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))
 import rotalabs_accel  # noqa: E402
 from common import (  # noqa: E402
+    CLOSE_CALL,
     GRAPH_NOTE,
+    RECHECK_ROUNDS,
     Row,
+    alternating_rounds,
     bench_ms,
+    close_call_note,
     copy_ceiling_gbps,
     gbps,
     gpu_slug,
@@ -113,6 +117,10 @@ class Bench:
         self.rows: list[Row] = []
         self.notes: list[str] = []
         self.copy = 0.0
+        # (op, shape) -> impl -> (fn, bytes, grad mode) of the rows timed since the last settle()
+        self.fns: dict[tuple, dict[str, tuple]] = {}
+        # (op, shape) -> the alternating rounds' verdict, for close calls between ours and a peer
+        self.rechecks: dict[tuple, str] = {}
 
     def time(self, fn) -> float:
         return bench_ms(fn, warmup=10, rep=40) if self.quick else bench_ms(fn)
@@ -146,9 +154,33 @@ class Bench:
         rate = gbps(nbytes, ms)
         row = Row(op, impl, list(shape), ms, GBps=rate, pct_of_ceiling=100 * rate / self.copy, note=note)
         self.rows.append(row)
+        self.fns.setdefault((op, tuple(shape)), {})[impl] = (fn, nbytes, torch.is_grad_enabled())
         print(f"{op:18s} {impl:12s} {str(shape):16s} {ms:9.4f} ms {rate:8.0f} GB/s "
               f"{row.pct_of_ceiling:5.1f}%", flush=True)
         return ms
+
+
+    def settle(self):
+        """Re-time ours and the fastest peer in alternating rounds wherever their rows came within
+        ``CLOSE_CALL`` of each other (each under the grad mode it was timed in), then forget the
+        timed functions (and the tensors they hold)."""
+        rounds = 3 if self.quick else RECHECK_ROUNDS
+        for key, fns in self.fns.items():
+            rates = {r.impl: r.GBps for r in self.rows if (r.op, tuple(r.shape)) == key and r.impl in fns}
+            peers = {k: v for k, v in rates.items() if k not in ("ours", SAME_BYTES)}
+            if "ours" not in rates or not peers:
+                continue
+            peer = max(peers, key=peers.get)
+            if abs(rates["ours"] / peers[peer] - 1) > CLOSE_CALL:
+                continue
+            (ours_fn, nbytes, mode), (peer_fn, _, peer_mode) = fns["ours"], fns[peer]
+            if mode != peer_mode:
+                continue
+            with torch.set_grad_enabled(mode):
+                times = alternating_rounds({"ours": ours_fn, peer: peer_fn}, rounds, self.time)
+            self.rechecks[key] = close_call_note(times, "ours", peer, nbytes)
+            print(f"{key[0]} {key[1]}: {self.rechecks[key]}", flush=True)
+        self.fns.clear()
 
 
 def _liger_modules(n):
@@ -171,6 +203,7 @@ def run_forward(b: Bench, shapes):
     compiled = torch.compile(eager_hf, dynamic=False)
     for m, n in shapes:
         _forward_rows(b, m, n, compiled)
+        b.settle()
         torch.cuda.empty_cache()
 
 
@@ -196,6 +229,7 @@ def run_forward_backward(b: Bench, shapes):
     compiled = torch.compile(eager_hf, dynamic=False)
     for m, n in shapes:
         _forward_backward_rows(b, m, n, compiled)
+        b.settle()
         torch.cuda.empty_cache()
 
 
@@ -236,9 +270,11 @@ def run_fused(b: Bench, shapes, forward_only_shapes=()):
     compiled = torch.compile(eager_hf_add, dynamic=False)
     for m, n in shapes:
         _fused_rows(b, m, n, compiled)
+        b.settle()
         torch.cuda.empty_cache()
     for m, n in forward_only_shapes:
         _fused_rows(b, m, n, compiled, backward=False)
+        b.settle()
         torch.cuda.empty_cache()
 
 
@@ -281,8 +317,9 @@ def _fused_rows(b: Bench, m: int, n: int, compiled, backward: bool = True):
         b.add("add_rmsnorm_fwdbwd", impl, (m, n), run, 8 * m * n * elt, graph=impl != "eager_hf")
 
 
-def target_notes(rows: list[Row]) -> list[str]:
-    """One line per measured row group: ours against the target and against the fastest peer."""
+def target_notes(rows: list[Row], rechecks: dict[tuple, str] | None = None) -> list[str]:
+    """One line per measured row group: ours against the target and against the fastest peer, and
+    for close calls the verdict of alternating rounds (``rechecks``, from :meth:`Bench.settle`)."""
     by_key: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r.GBps is not None:
@@ -305,6 +342,8 @@ def target_notes(rows: list[Row]) -> list[str]:
             line += f"; a copy of the same bytes: {floor:,.0f} GB/s (ours {100 * ours / floor:.1f}% of it)"
         if peers and ours < best_peer[1]:
             line += f"; BEHIND {best_peer[0]} by {100 * (best_peer[1] - ours) / best_peer[1]:.1f}%"
+        if rechecks and (op, shape) in rechecks:
+            line += f"; re-timed in {rechecks[(op, shape)]}"
         lines.append(line)
     walls: dict[tuple, dict[str, float]] = {}
     for r in rows:
@@ -589,8 +628,11 @@ def main(argv=None):
         run_fused(b, FUSED_SHAPES, FUSED_WIDE_FWD_SHAPES)
     run_dispatch(b)
     b.notes.append("bf16 inputs and weights; GB/s counts the bytes each op must move (see bench_rmsnorm.py)")
-    b.notes.extend(target_notes(b.rows))
-    print("\n" + "\n".join(target_notes(b.rows)))
+    b.notes.append(f"Close calls: where ours and the fastest peer came within {100 * CLOSE_CALL:.0f}% of "
+                   "each other, the two were timed again in alternating rounds (the order reversed every "
+                   "other round), each a do_bench median; the table keeps the first timing")
+    b.notes.extend(target_notes(b.rows, b.rechecks))
+    print("\n" + "\n".join(target_notes(b.rows, b.rechecks)))
     name = f"rmsnorm-{gpu_slug()}-{dt.date.today().isoformat()}"
     path = write_results(name, b.rows, {"copy": b.copy}, notes=b.notes, out_dir=args.out)
     print(f"\nwrote {path}")

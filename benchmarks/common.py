@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -99,6 +100,44 @@ def graph_replay_ms(fn: Callable[[], object], warmup: int = 50, rep: int = 200) 
 
 
 GRAPH_NOTE = "CUDA-graph replay of the same step: GPU time alone, no host cost"
+
+# A benchmark row is one do_bench median; at tens of microseconds two runs of the same kernel differ by
+# a few percent. Where ours and the fastest peer come within CLOSE_CALL of each other, the two are timed
+# again in RECHECK_ROUNDS alternating rounds and the verdict note gives both medians and ranges.
+CLOSE_CALL = 0.03
+RECHECK_ROUNDS = 5
+
+
+def alternating_rounds(
+    fns: dict[str, Callable[[], object]], rounds: int, time_ms: Callable[[Callable[[], object]], float]
+) -> dict[str, list[float]]:
+    """Milliseconds of each of ``fns``, timed once per round by ``time_ms`` for ``rounds`` rounds.
+
+    Every other round runs them in reverse order, so no implementation always runs right after the
+    same other one (clocks and what L2 holds drift over a run)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(float(time_ms(fns[name])))
+    return times
+
+
+def close_call_note(times: dict[str, list[float]], ours: str, peer: str, nbytes: float) -> str:
+    """The verdict of alternating rounds (:func:`alternating_rounds`) between ``ours`` and ``peer``:
+    each one's median rate and range in GB/s of ``nbytes``, the lead of ours by the medians, and
+    whether the two ranges overlap (then this run does not separate them)."""
+    def rates(name):
+        ms = times[name]
+        return gbps(nbytes, statistics.median(ms)), gbps(nbytes, max(ms)), gbps(nbytes, min(ms))
+
+    (o_med, o_lo, o_hi), (p_med, p_lo, p_hi) = rates(ours), rates(peer)
+    lead = 100 * (o_med / p_med - 1)
+    overlap = "ranges overlap" if o_lo <= p_hi and p_lo <= o_hi else "ranges apart"
+    verdict = "ahead" if lead >= 0 else "BEHIND"
+    return (f"{len(times[ours])} alternating rounds: {ours} median {o_med:,.0f} GB/s "
+            f"({o_lo:,.0f}-{o_hi:,.0f}), {peer} {p_med:,.0f} ({p_lo:,.0f}-{p_hi:,.0f}): "
+            f"{verdict} by {lead:+.1f}%, {overlap}")
 
 
 def copy_ceiling_gbps(nbytes: int = 2 * 1024**3) -> tuple[float, float]:
