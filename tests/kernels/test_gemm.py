@@ -624,6 +624,70 @@ def test_int8_linear_dtype_moves_keep_fp32_scales():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(
+    "kernel, config, group_size",
+    [
+        ("splitk", dict(block_m=16, block_n=16, block_k=16, split_k=5, swap_ab=False), None),
+        ("splitk", dict(block_m=16, block_n=32, block_k=16, split_k=3, swap_ab=True), 32),
+        ("gemm", dict(block_m=32, block_n=16, block_k=32, swap_ab=True), None),
+        ("gemm", dict(block_m=16, block_n=16, block_k=16, swap_ab=False), 48),
+    ],
+)
+def test_w8a16_prefetch_loads(device, dtype, kernel, config, group_size):
+    """DotConfig.prefetch: each K block loaded into registers one step ahead (the last step re-reads its
+    own block), with L2 hints, at ragged edges (N = 37, K = 96 split unevenly, a last group of 48 cut
+    short). The plan runs one stage with pointer loads (a TMA request is dropped) and the product is the
+    pointer-load kernel's, bit for bit, with the same tiles."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig, resolve_w8a16
+
+    x, q, s, b = _problem(33, 37, 96, dtype, group_size=group_size, device=device)
+    cfg = DotConfig(**config, num_stages=3, prefetch=True, tma=True)
+    resolved = resolve_w8a16(kernel, cfg, 33, 37, 96, group_size=group_size, sm_count=4,
+                             fp32=dtype == torch.float32)
+    assert (resolved.num_stages, resolved.tma, resolved.prefetch) == (1, False, True)
+    kernels.clear_plans()
+    out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, cfg)
+    (plan,) = kernels._PLANS.values()
+    assert plan[4] is None  # pointer loads
+    _check_w8a16(out, x, q, s, b, group_size)
+    pointer = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**config, num_stages=3))
+    assert torch.equal(out, pointer)
+    kernels.clear_plans()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336), (1000, 4100)])
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gpu_prefetch_loads(n, k, group_size, swap_ab):
+    """DotConfig.prefetch on the GPU at M = 16: the pipelined kernel's bits with the same tiles, also
+    split (K = 4100: ragged blocks), and replayed from a CUDA graph."""
+    from rotalabs_accel.triton_kernels import int8_gemm as kernels
+    from rotalabs_accel.triton_kernels.int8_config import DotConfig
+
+    x, q, s, b = _problem(16, n, k, torch.bfloat16, group_size=group_size, device="cuda")
+    for kernel, split in (("gemm", 1), ("splitk", 2)):
+        tiles = dict(block_m=16, block_n=32, block_k=128, split_k=split, num_warps=4, swap_ab=swap_ab)
+        out = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**tiles, prefetch=True))
+        _check_w8a16(out, x, q, s, b, group_size)
+        pipelined = kernels.w8a16_linear(x, q, s, b, group_size, kernel, DotConfig(**tiles, num_stages=4))
+        assert torch.equal(out, pipelined), f"{kernel}: {rel_err(out, pipelined):.1e}"
+    cfg = DotConfig(**tiles, prefetch=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.w8a16_linear(x, q, s, b, group_size, kernel, cfg)
+    x.copy_(randn(*x.shape, dtype=x.dtype, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, kernels.w8a16_linear(x, q, s, b, group_size, kernel, cfg))
+    kernels.clear_plans()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336)])
