@@ -131,11 +131,6 @@ class DotConfig:
     integer-to-float conversion per value; the values are the same. bf16 needs no such option (Triton's
     own int8 -> bf16 conversion issues no such instruction per value); Triton's interpreter runs the
     plain conversion.
-    ``prefetch``: pointer loads (no shared-memory pipeline: ``num_stages`` becomes 1, ``tma`` off) that
-    fetch each K block into registers before the previous block's MMA, the weight's with an
-    ``evict_first`` L2 hint and x's with ``evict_last``. Triton drops such hints from the loads its
-    software pipeliner turns into ``cp.async`` copies, so a pipelined weight stream fills L2 at normal
-    priority and evicts (and, when dirty, writes back) whatever else L2 holds.
     """
 
     block_m: int
@@ -148,7 +143,6 @@ class DotConfig:
     swap_ab: bool = False
     tma: bool = False
     fast_convert: bool = True
-    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -493,10 +487,8 @@ def resolve_w8a16(
             programs, k_blocks, sm_count, fill=DOT_FILL, m=m, k=k, at_least=2 if forced_split else 1
         )
     split = max(1, min(split, k_blocks))
-    # a TMA box has at most 256 elements per side; prefetching keeps pointer loads and no pipeline
-    tma = cfg.tma and not cfg.prefetch and max(block_m, block_n, block_k) <= TMA_MAX_BOX
-    if cfg.prefetch:
-        num_stages = 1
+    # a TMA box has at most 256 elements per side
+    tma = cfg.tma and max(block_m, block_n, block_k) <= TMA_MAX_BOX
     return dataclasses.replace(
         cfg, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
         num_stages=num_stages, num_warps=num_warps, tma=tma,

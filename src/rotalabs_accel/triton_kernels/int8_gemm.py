@@ -444,21 +444,6 @@ def _w8a16_gemv_group_kernel(
 
 
 @triton.jit
-def _hinted_tiles(x_ptrs, w_ptrs, offs_k, k_limit, EVEN_K: tl.constexpr):
-    """One K block of x and of W through pointer loads with L2 hints: the weight streams through
-    (``evict_first``), x is read again by the other column tiles (``evict_last``); columns from
-    ``k_limit`` on read as zero unless ``EVEN_K``."""
-    if EVEN_K:
-        x = tl.load(x_ptrs, eviction_policy="evict_last")
-        w = tl.load(w_ptrs, eviction_policy="evict_first")
-    else:
-        k_in = offs_k < k_limit
-        x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0, eviction_policy="evict_last")
-        w = tl.load(w_ptrs, mask=k_in[None, :], other=0, eviction_policy="evict_first")
-    return x, w
-
-
-@triton.jit
 def _w8a16_dot_kernel(
     x_ptr,
     w_ptr,
@@ -488,10 +473,7 @@ def _w8a16_dot_kernel(
     BLOCKED_SUM: tl.constexpr,
     USE_TMA: tl.constexpr,
     FAST_CVT: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
-    # PREFETCH (pointer loads, launched with num_stages=1): each K block's loads are issued before the
-    # previous block's MMA, into registers and with L2 hints that Triton's software pipeliner would drop.
     # USE_TMA: x_ptr and w_ptr are host-side tensor descriptors of x [M, K] (block [BLOCK_M, BLOCK_K])
     # and W [N, K] (block [BLOCK_N, BLOCK_K]); Hopper's tensor memory accelerator copies each tile to
     # shared memory with no per-element address arithmetic, and fills rows / columns outside the
@@ -514,18 +496,10 @@ def _w8a16_dot_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DOT_FP32:
         lost = tl.zeros_like(acc)  # the low-order bits the running fp32 sum has dropped so far
-    if PREFETCH:
-        x_next, w_next = _hinted_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K)
     for k0 in range(0, k_per_split, BLOCK_K):
         if USE_TMA:
             x = x_ptr.load([pid_m * BLOCK_M, k_start + k0])
             w = w_ptr.load([pid_n * BLOCK_N, k_start + k0])
-        elif PREFETCH:
-            x = x_next
-            w = w_next
-            # the last step re-reads its own block (an L2 hit) instead of reaching past its split
-            step = tl.where(k0 + BLOCK_K < k_per_split, BLOCK_K, 0)
-            x_next, w_next = _hinted_tiles(x_ptrs + step, w_ptrs + step, offs_k, K - k0 - step, EVEN_K)
         elif EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
@@ -840,7 +814,6 @@ def _w8a16_plan(m, n, k, dtype, group_size, has_bias, kernel, config, index, tma
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
             GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, DOT_FP32=dot_fp32, BLOCKED_SUM=gs > 0 or dot_fp32,
             USE_TMA=tma is not None, FAST_CVT=cfg.fast_convert and index >= 0 and dtype == torch.float16,
-            PREFETCH=cfg.prefetch,
         )
     return site, k_per_split, split, site.grid[0] if split > 1 else 0, tma
 
