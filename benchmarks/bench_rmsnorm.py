@@ -53,13 +53,12 @@ from common import (  # noqa: E402
     GRAPH_NOTE,
     RECHECK_ROUNDS,
     Row,
-    alternating_rounds,
     bench_ms,
-    close_call_note,
     copy_ceiling_gbps,
     gbps,
     gpu_slug,
     graph_replay_ms,
+    recheck_close_call,
     try_liger,
     write_results,
 )
@@ -162,24 +161,20 @@ class Bench:
 
     def settle(self):
         """Re-time ours and the fastest peer in alternating rounds wherever their rows came within
-        ``CLOSE_CALL`` of each other (each under the grad mode it was timed in), then forget the
+        ``CLOSE_CALL`` of each other (under the grad mode the group was timed in), then forget the
         timed functions (and the tensors they hold)."""
         rounds = 3 if self.quick else RECHECK_ROUNDS
         for key, fns in self.fns.items():
+            if "ours" not in fns:
+                continue
             rates = {r.impl: r.GBps for r in self.rows if (r.op, tuple(r.shape)) == key and r.impl in fns}
-            peers = {k: v for k, v in rates.items() if k not in ("ours", SAME_BYTES)}
-            if "ours" not in rates or not peers:
-                continue
-            peer = max(peers, key=peers.get)
-            if abs(rates["ours"] / peers[peer] - 1) > CLOSE_CALL:
-                continue
-            (ours_fn, nbytes, mode), (peer_fn, _, peer_mode) = fns["ours"], fns[peer]
-            if mode != peer_mode:
-                continue
+            _, nbytes, mode = fns["ours"]
             with torch.set_grad_enabled(mode):
-                times = alternating_rounds({"ours": ours_fn, peer: peer_fn}, rounds, self.time)
-            self.rechecks[key] = close_call_note(times, "ours", peer, nbytes)
-            print(f"{key[0]} {key[1]}: {self.rechecks[key]}", flush=True)
+                note = recheck_close_call(rates, {impl: f[0] for impl, f in fns.items()}, "ours",
+                                          lambda impl: impl != SAME_BYTES, rounds, self.time, nbytes)
+            if note is not None:
+                self.rechecks[key] = note
+                print(f"{key[0]} {key[1]}: {note}", flush=True)
         self.fns.clear()
 
 

@@ -45,13 +45,12 @@ from common import (  # noqa: E402
     GRAPH_NOTE,
     RECHECK_ROUNDS,
     Row,
-    alternating_rounds,
     bench_ms,
-    close_call_note,
     copy_ceiling_gbps,
     gbps,
     gpu_slug,
     graph_replay_ms,
+    recheck_close_call,
     write_results,
 )
 from rotalabs_accel import SwiGLU, swiglu_fused  # noqa: E402
@@ -102,6 +101,10 @@ def activation_impls(notes: list[str]) -> dict:
     except Exception as exc:  # not installed or broken
         notes.append(f"Liger-Kernel activation skipped: {type(exc).__name__}: {exc}")
     return impls
+
+
+def _is_peer(impl: str) -> bool:
+    return not impl.startswith("rotalabs") and impl != SAME_BYTES
 
 
 def bench_activation(shapes, rows: list[Row], notes: list[str], ceiling: float, warmup: int,
@@ -169,17 +172,12 @@ def bench_activation(shapes, rows: list[Row], notes: list[str], ceiling: float, 
         if rechecks is not None:
             for op, fns in timed.items():
                 rates = {r.impl: r.GBps for r in rows if r.op == op and tuple(r.shape) == (m, n)}
-                peers = {k: v for k, v in rates.items() if not k.startswith("rotalabs") and k != SAME_BYTES}
-                if "rotalabs" not in rates or not peers:
-                    continue
-                peer = max(peers, key=peers.get)
-                if abs(rates["rotalabs"] / peers[peer] - 1) > CLOSE_CALL:
-                    continue
-                times = alternating_rounds({"rotalabs": fns["rotalabs"], peer: fns[peer]}, rounds,
-                                           lambda f: bench_ms(f, warmup=warmup, rep=rep))
-                nbytes = fwd_bytes if op == "swiglu_fwd" else fwdbwd_bytes
-                rechecks[(op, (m, n))] = close_call_note(times, "rotalabs", peer, nbytes)
-                log(f"  {op} {m}x{n}: {rechecks[(op, (m, n))]}")
+                note = recheck_close_call(
+                    rates, fns, "rotalabs", _is_peer, rounds, lambda f: bench_ms(f, warmup=warmup, rep=rep),
+                    fwd_bytes if op == "swiglu_fwd" else fwdbwd_bytes)
+                if note is not None:
+                    rechecks[(op, (m, n))] = note
+                    log(f"  {op} {m}x{n}: {note}")
         del gate, up, gate_up, grad, expected, out, timed
         torch.cuda.empty_cache()
 
@@ -533,8 +531,7 @@ def target_notes(rows: list[Row], rechecks: dict | None = None) -> list[str]:
         if impl != "rotalabs" or op not in ("swiglu_fwd", "swiglu_fwdbwd"):
             continue
         target = TARGET_FWD_GBPS if op == "swiglu_fwd" else TARGET_FWDBWD_GBPS
-        peers = {i: by[(op, i, shape)].GBps for (o, i, s) in by if o == op and s == shape
-                 and not i.startswith("rotalabs") and i != SAME_BYTES}
+        peers = {i: by[(op, i, shape)].GBps for (o, i, s) in by if o == op and s == shape and _is_peer(i)}
         best_peer = max(peers.items(), key=lambda kv: kv[1]) if peers else None
         status = "met" if r.GBps >= target else f"MISSED by {100 * (1 - r.GBps / target):.1f}%"
         ahead = ""

@@ -123,6 +123,23 @@ def alternating_rounds(
     return times
 
 
+def recheck_close_call(
+    rates: dict[str, float], fns: dict[str, Callable[[], object]], ours: str, is_peer: Callable[[str], bool],
+    rounds: int, time_ms: Callable[[Callable[[], object]], float], nbytes: float,
+) -> str | None:
+    """Where ``ours`` and the fastest peer (an implementation ``is_peer`` accepts) of one row group lie
+    within ``CLOSE_CALL`` of each other by ``rates`` (GB/s), time the two again in ``rounds``
+    alternating rounds and return :func:`close_call_note`'s verdict; ``None`` for no close call."""
+    peers = {name: rate for name, rate in rates.items() if name != ours and is_peer(name)}
+    if ours not in rates or not peers:
+        return None
+    peer = max(peers, key=peers.get)
+    if abs(rates[ours] / peers[peer] - 1) > CLOSE_CALL:
+        return None
+    times = alternating_rounds({ours: fns[ours], peer: fns[peer]}, rounds, time_ms)
+    return close_call_note(times, ours, peer, nbytes)
+
+
 def close_call_note(times: dict[str, list[float]], ours: str, peer: str, nbytes: float) -> str:
     """The verdict of alternating rounds (:func:`alternating_rounds`) between ``ours`` and ``peer``:
     each one's median rate and range in GB/s of ``nbytes``, the lead of ours by the medians, and

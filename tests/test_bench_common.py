@@ -46,3 +46,17 @@ def test_close_call_note_medians_ranges_and_overlap():
 def test_alternating_rounds_counts(rounds):
     times = common.alternating_rounds({"x": lambda: None, "y": lambda: None}, rounds, lambda fn: 2.0)
     assert times == {"x": [2.0] * rounds, "y": [2.0] * rounds}
+
+
+def test_recheck_close_call_times_ours_and_the_fastest_peer_only_when_close():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "slow", "fast", "floor")}
+    rates = {"ours": 100.0, "slow": 50.0, "fast": 102.0, "floor": 101.0}
+    note = common.recheck_close_call(rates, fns, "ours", lambda name: name != "floor", 2,
+                                     lambda fn: fn() or 1.0, 1e9)
+    assert calls == ["ours", "fast", "fast", "ours"]  # the floor is no peer, the slow peer not the best
+    assert note.startswith("2 alternating rounds: ours median 1,000 GB/s") and "fast 1,000" in note
+    calls.clear()
+    far = common.recheck_close_call({"ours": 100.0, "fast": 110.0}, fns, "ours", lambda name: True, 2,
+                                    lambda fn: fn() or 1.0, 1e9)
+    assert far is None and calls == []
