@@ -10,6 +10,11 @@ Rules, in order:
    the given arguments; otherwise the reference. Never raises.
 4. ``triton``: Triton, or a clear error saying why it cannot run. CPU tensors are accepted only under
    ``TRITON_INTERPRET=1`` (Triton's interpreter; this is how CI without a GPU runs the kernels).
+5. Whatever was requested, meta tensors take the reference (it computes their shapes and dtypes), and
+   so does every call made while a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) or
+   forward-mode AD (``torch.autograd.forward_ad.dual_level``) is active: the reference is plain
+   PyTorch, which those transforms see through; a kernel would see neither batch dimensions nor
+   tangents. A forced ``triton`` raises there instead.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .utils import environ_get, is_triton_available, is_triton_interpreter
 
@@ -27,6 +33,7 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "ROTALABS_ACCEL_BACKEND"
 
 _override: str | None = None
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _check_name(name: str) -> str:
@@ -87,6 +94,26 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+def transform_reason() -> str | None:
+    """Why a kernel cannot serve the current call, if a ``torch.func`` transform or forward-mode AD is
+    active (eager only: under ``torch.compile`` the compiler traces the ops itself), else ``None``.
+
+    Example:
+        >>> import torch
+        >>> transform_reason() is None
+        True
+        >>> torch.func.vmap(lambda t: torch.tensor(transform_reason() is not None))(torch.ones(2))
+        tensor([True, True])
+    """
+    # the two cheap checks first: this runs on every kernel-eligible call
+    dual = _forward_ad._current_level >= 0
+    if not (dual or _transforms_active()) or torch.compiler.is_compiling():
+        return None
+    if dual:
+        return "forward-mode AD (torch.autograd.forward_ad.dual_level) is active"
+    return "a torch.func transform (vmap, grad, jacrev, ...) is active"
+
+
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     """Raise a ``ValueError`` naming the arguments when tensors live on different devices."""
     device = None
@@ -125,9 +152,17 @@ def select_backend(op: str, *tensors: torch.Tensor | None, kernel_reason: str | 
             break
     if requested == "auto":
         if all_cuda and kernel_reason is None and is_triton_available() and not is_triton_interpreter():
-            return "triton"
+            return "torch" if transform_reason() is not None else "triton"
         return "torch"
     # requested == "triton"
+    if not all_cuda and any(t is not None and t.is_meta for t in tensors):
+        return "torch"
+    reason = transform_reason()
+    if reason is not None:
+        raise RuntimeError(
+            f"{op}: backend 'triton' was forced but {reason}: the kernels see neither its batch "
+            "dimensions nor its tangents; use backend 'auto' or 'torch' (the PyTorch reference) there"
+        )
     if not is_triton_available():
         raise RuntimeError(f"{op}: backend 'triton' was forced but the triton package cannot be imported")
     if kernel_reason is not None:

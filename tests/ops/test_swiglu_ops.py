@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import rotalabs_accel
 from helpers import FLOAT_DTYPES, assert_within_torch_error, kernel_devices, randn
 from rotalabs_accel.functional.activations import swiglu_fused
+from rotalabs_accel.kernels.activations import SwiGLU
 from rotalabs_accel.reference.swiglu import swiglu_backward_reference, swiglu_reference
 
 FACTOR = {torch.float32: 8.0, torch.float16: 2.0, torch.bfloat16: 2.0}
@@ -556,15 +557,62 @@ def test_gradients_from_sum_and_non_collapsible_packed_input(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-def test_double_backward_raises_instead_of_silently_wrong(device):
+def test_double_backward_through_a_gradient_that_needs_grad(device):
+    # v requires grad: the second backward differentiates through the first one's incoming gradient
+    # (tests/test_transforms.py checks gradient penalties against the float64 model)
     gate = randn(3, 8, device=device).requires_grad_()
     up = randn(3, 8, device=device).requires_grad_()
-    v = randn(3, 8, device=device).requires_grad_()  # a gradient that itself needs a gradient
+    v = randn(3, 8, device=device).requires_grad_()
     with rotalabs_accel.use_backend("triton"):
-        y = swiglu_fused(gate, up)
-        (g_gate,) = torch.autograd.grad(y, gate, v, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g_gate.sum().backward()
+        (g_gate,) = torch.autograd.grad(swiglu_fused(gate, up), gate, v, create_graph=True)
+    g_gate.sum().backward()
+    s = torch.sigmoid(gate.detach())
+    # d/dv of sum(v * up * s * (1 + g (1 - s))) is up * s * (1 + g (1 - s))
+    torch.testing.assert_close(v.grad, up.detach() * s * (1 + gate.detach() * (1 - s)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_compile_traces_leading_dimensions_that_do_not_collapse(device):
+    gate = randn(3, 2, 8, device=device).transpose(0, 1)
+    up = randn(3, 2, 8, device=device).transpose(0, 1)
+    packed = randn(3, 2, 16, device=device).transpose(0, 1)
+    with rotalabs_accel.use_backend("triton"):
+        compiled = torch.compile(swiglu_fused, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(gate, up), swiglu_reference(gate, up), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(compiled(packed), swiglu_reference(packed[..., :8], packed[..., 8:]),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_packed_custom_ops_check_their_inputs(device):
+    ops = torch.ops.rotalabs_accel
+    with pytest.raises(ValueError, match=r"swiglu_packed_bwd: grad_out must have shape \[4, 6\], got \[1, 2\]"):
+        ops.swiglu_packed_bwd(randn(1, 2, device=device), randn(4, 12, device=device))
+    with pytest.raises(ValueError, match="even last dimension"):
+        ops.swiglu_packed_fwd(randn(4, 7, device=device))
+    with pytest.raises(TypeError, match="got torch.int32"):
+        ops.swiglu_packed_fwd(torch.ones(4, 8, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="grad_out must have the dtype of gate_up"):
+        ops.swiglu_packed_bwd(randn(4, 6, device=device, dtype=torch.float16), randn(4, 12, device=device))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_custom_ops_accept_empty_tensors_with_any_strides(device):
+    # 0-row tensors may carry strides (0, 0) (the dynamic-shape pass of opcheck makes some)
+    gate = torch.empty_strided((0, 5), (0, 0), device=device).requires_grad_()
+    up = torch.empty_strided((0, 5), (0, 0), device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.rotalabs_accel.swiglu_fwd, (gate, up))
+    assert torch.ops.rotalabs_accel.swiglu_fwd(gate, up).shape == (0, 5)
+
+
+def test_meta_module_with_fused_gate_up_does_not_warn():
+    import warnings
+
+    module = SwiGLU(8, 16, fused_gate_up=True, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = module(torch.empty(2, 8, device="meta"))
+    assert y.shape == (2, 8) and y.device.type == "meta"
 
 
 @pytest.mark.parametrize("device", kernel_devices())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_same_device, select_backend
+from .._backend import check_same_device, select_backend, transform_reason
 from ..ops.swiglu import SwiGLUFFNFunction, packed_pair, swiglu_eager, swiglu_packed_eager
 from ..reference.swiglu import swiglu_reference
 from ..utils import autocast_enabled
@@ -33,13 +33,9 @@ def _check_float_tensor(op: str, name: str, t: object) -> torch.Tensor:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, last]`` with unit column stride: a view when the strides allow, else a copy."""
     width = t.shape[-1]
-    if t.dim() == 2:
-        rows = t
-    else:
-        try:
-            rows = t.view(-1, width)
-        except RuntimeError:  # leading dimensions do not collapse into one stride
-            rows = t.reshape(-1, width)
+    # reshape is a view whenever the leading dimensions collapse into one stride, else a copy (and,
+    # unlike a view attempted in a try block, something torch.compile can trace)
+    rows = t if t.dim() == 2 else t.reshape(-1, width)
     if width > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows
@@ -197,9 +193,11 @@ def swiglu_ffn(
       :class:`~rotalabs_accel.kernels.activations.SwiGLU` with ``fused_gate_up=True`` arranges), both
       projections run as one GEMM over ``[W_g; W_u]`` forward and backward, with no copy of the weights.
 
-    One backward per forward is supported (a second one through a retained graph raises). Under
-    ``torch.compile`` or autocast the block is composed from ``F.linear`` and :func:`swiglu_fused`
-    instead (the compiler plans memory itself; autocast picks the GEMM dtypes).
+    One backward per forward is supported (a second one through a retained graph raises); a backward
+    with ``create_graph=True`` differentiates the PyTorch reference of the block, so higher-order
+    gradients are exact. Under ``torch.compile``, autocast, a ``torch.func`` transform or forward-mode
+    AD the block is composed from ``F.linear`` and :func:`swiglu_fused` instead (the compiler plans
+    memory itself; autocast picks the GEMM dtypes; the transforms see plain PyTorch ops).
 
     Args:
         x: ``[..., H]``.
@@ -248,7 +246,7 @@ def swiglu_ffn(
     check_same_device(op, x=x, gate_weight=gate_weight, up_weight=up_weight, down_weight=down_weight,
                       gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
 
-    if autocast or torch.compiler.is_compiling():
+    if autocast or torch.compiler.is_compiling() or transform_reason() is not None:
         gate = F.linear(x, gate_weight, gate_bias)
         up = F.linear(x, up_weight, up_bias)
         return F.linear(swiglu_fused(gate, up), down_weight, down_bias)

@@ -131,7 +131,8 @@ class SwiGLU(nn.Module):
                 return down(swiglu_fused(gate_up))
             return down(swiglu_fused(gate(x), up(x)))
         if self.fused_gate_up and not self._warned_unpacked and not torch.compiler.is_compiling():
-            if not self.gate_up_packed:
+            # meta tensors have no storage to share (nothing runs on them): no packing to lose
+            if not self.gate_up_packed and gate.weight.device.type != "meta":
                 self._warned_unpacked = True
                 warnings.warn(
                     "SwiGLU(fused_gate_up=True): gate_proj.weight and up_proj.weight no longer share "

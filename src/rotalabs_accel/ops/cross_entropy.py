@@ -16,9 +16,9 @@ first time a kernel is needed.
 
 # No `from __future__ import annotations`: torch.library infers the op schemas from the annotations.
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._autograd import direct_apply
+from ..reference.cross_entropy import cross_entropy_reference
+from ._autograd import direct_apply, reference_grads
 
 __all__ = ["cross_entropy_rows", "cross_entropy_rows_compiled"]
 
@@ -50,7 +50,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():
-            return _cross_entropy_backward_once(ctx, grad_loss)
+            return _cross_entropy_backward_differentiable(ctx, grad_loss)
         return _cross_entropy_backward(ctx, grad_loss)
 
 
@@ -60,8 +60,18 @@ def _cross_entropy_backward(ctx, grad_loss):
     return grad, None, None
 
 
-# once_differentiable's bookkeeping only when a double backward could follow (create_graph=True).
-_cross_entropy_backward_once = once_differentiable(_cross_entropy_backward)
+def _cross_entropy_backward_differentiable(ctx, grad_loss):
+    # Grad mode is on in a backward only under create_graph=True: a higher-order gradient is being
+    # recorded, so differentiate the PyTorch reference (gradients that carry their own graph).
+    logits, target, _ = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss = ctx.options
+
+    def reference(logits):
+        return cross_entropy_reference(logits, target, ignore_index=ignore_index, reduction="none",
+                                       label_smoothing=label_smoothing, z_loss=z_loss,
+                                       out_dtype=torch.float32)
+
+    return (*reference_grads(reference, (logits,), (True,), (grad_loss,)), None, None)
 
 
 _cross_entropy_apply = direct_apply(_CrossEntropyFunction, 0, 1)

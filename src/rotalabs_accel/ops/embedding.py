@@ -16,8 +16,8 @@ the first time a kernel is needed.
 # No `from __future__ import annotations`: torch.library infers the op schemas from the annotations.
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from ..reference.embedding import embedding_backward_reference
 from ._autograd import direct_apply
 
 __all__ = ["embedding_rows", "embedding_rows_compiled"]
@@ -56,7 +56,7 @@ class _EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
-            return _embedding_backward_once(ctx, grad)
+            return _embedding_backward_differentiable(ctx, grad)
         return _embedding_backward(ctx, grad)
 
 
@@ -66,8 +66,13 @@ def _embedding_backward(ctx, grad):
     return None, _table_gradient(grad, ids, num_embeddings, padding_idx), None
 
 
-# once_differentiable's bookkeeping only when a double backward could follow (create_graph=True).
-_embedding_backward_once = once_differentiable(_embedding_backward)
+def _embedding_backward_differentiable(ctx, grad):
+    # Grad mode is on in a backward only under create_graph=True: the table gradient (a sum of grad's
+    # rows per id, linear in grad) comes from the PyTorch reference, which autograd differentiates.
+    (ids,) = ctx.saved_tensors
+    num_embeddings, padding_idx = ctx.shape
+    table = embedding_backward_reference(grad, ids, num_embeddings, None if padding_idx < 0 else padding_idx)
+    return None, table, None
 
 
 _embedding_apply = direct_apply(_EmbeddingFunction, 0, 1)

@@ -19,10 +19,9 @@ The Triton kernel module is imported the first time a kernel is needed.
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..reference.rmsnorm import rmsnorm_output_dtype
-from ._autograd import direct_apply
+from ..reference.rmsnorm import rmsnorm_output_dtype, rmsnorm_reference
+from ._autograd import direct_apply, reference_grads
 
 __all__ = ["rmsnorm_rows", "add_rmsnorm_rows", "rmsnorm_rows_compiled", "add_rmsnorm_rows_compiled"]
 
@@ -61,9 +60,10 @@ def _out_dtype(x_dtype: torch.dtype, weight: Optional[torch.Tensor], casting_mod
 #
 # Everything between the forward launch and the backward launch is host time the GPU may spend
 # waiting in a training step, so these stay lean: few arguments (``apply`` walks them), no work after
-# the launch beyond saving three tensors, and ``once_differentiable``'s bookkeeping only when a
-# double backward could actually follow (``create_graph=True`` is the only way grad mode is on in
-# a backward).
+# the launch beyond saving three tensors. Grad mode is on in a backward only under
+# ``create_graph=True``: a higher-order gradient is being recorded, and the backward differentiates
+# the PyTorch reference instead of launching the kernels (``reference_grads``), so the gradients
+# carry their own graph.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -80,7 +80,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():
-            return _rmsnorm_backward_once(ctx, dy)
+            return _rmsnorm_backward_differentiable(ctx, dy)
         return _rmsnorm_backward(ctx, dy)
 
 
@@ -93,7 +93,14 @@ def _rmsnorm_backward(ctx, dy):
     return dx, dw, None
 
 
-_rmsnorm_backward_once = once_differentiable(_rmsnorm_backward)
+def _rmsnorm_backward_differentiable(ctx, dy):
+    x, weight, _ = ctx.saved_tensors
+    eps, offset, casting_mode, _ = ctx.options
+
+    def reference(x, weight):
+        return rmsnorm_reference(x, weight, eps, offset=offset, casting_mode=casting_mode)
+
+    return (*reference_grads(reference, (x, weight), ctx.needs_input_grad[:2], (dy,)), None)
 
 
 class _AddRMSNormFunction(torch.autograd.Function):
@@ -112,7 +119,7 @@ class _AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dnew_residual):
         if torch.is_grad_enabled():
-            return _add_rmsnorm_backward_once(ctx, dy, dnew_residual)
+            return _add_rmsnorm_backward_differentiable(ctx, dy, dnew_residual)
         return _add_rmsnorm_backward_eager(ctx, dy, dnew_residual)
 
 
@@ -126,7 +133,22 @@ def _add_rmsnorm_backward_eager(ctx, dy, dnew_residual):
     return ds.to(x_dtype), ds.to(residual_dtype), dw, None
 
 
-_add_rmsnorm_backward_once = once_differentiable(_add_rmsnorm_backward_eager)
+def _add_rmsnorm_backward_differentiable(ctx, dy, dnew_residual):
+    # new_residual = x + residual is this node's own output, so its graph leads back to x and residual.
+    new_residual, weight, _ = ctx.saved_tensors
+    eps, offset, casting_mode, _ = ctx.options
+    need_x, need_residual, need_weight = ctx.needs_input_grad[:3]
+
+    def reference(s, weight):
+        return rmsnorm_reference(s, weight, eps, offset=offset, casting_mode=casting_mode)
+
+    ds, dw = reference_grads(reference, (new_residual, weight), (need_x or need_residual, need_weight), (dy,))
+    if ds is not None and dnew_residual is not None:
+        ds = ds + dnew_residual
+    x_dtype, residual_dtype = ctx.dtypes
+    dx = ds.to(x_dtype) if need_x else None
+    dres = ds.to(residual_dtype) if need_residual else None
+    return dx, dres, dw, None
 
 _rmsnorm_apply = direct_apply(_RMSNormFunction, 0, 1)
 _add_rmsnorm_apply = direct_apply(_AddRMSNormFunction, 0, 1, 2)

@@ -24,7 +24,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._autograd import direct_apply
 
@@ -63,7 +62,6 @@ class _RopeFunction(torch.autograd.Function):
         return kernels.rope_apply(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dq, dk):
         cos, sin, position_ids = ctx.saved_tensors
         offset, interleaved, rotary_dim, head_major = ctx.args
@@ -71,6 +69,12 @@ class _RopeFunction(torch.autograd.Function):
             dq = dq.contiguous()
         if dk.stride(-1) != 1:
             dk = dk.contiguous()
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward, a rotation by the negative angle, runs through this
+            # Function itself, so the gradients it returns are differentiable in dq and dk.
+            dq_in, dk_in = _rope_apply(dq, dk, cos, -sin, position_ids, offset, interleaved, rotary_dim,
+                                       head_major)
+            return dq_in, dk_in, None, None, None, None, None, None, None
         dq_in, dk_in = _kernels.rope_apply(
             dq, dk, cos, sin, position_ids, offset, interleaved, rotary_dim, head_major, True
         )

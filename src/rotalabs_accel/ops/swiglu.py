@@ -28,10 +28,9 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..reference.swiglu import swiglu_backward_reference, swiglu_reference
-from ._autograd import direct_apply
+from ._autograd import direct_apply, reference_grads
 
 __all__ = [
     "swiglu_eager",
@@ -139,15 +138,19 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        out, (g, u, *rows) = _forward(gate, up)
-        ctx.save_for_backward(g, u)
+        out, (_, _, *rows) = _forward(gate, up)
+        # the inputs themselves (a double backward differentiates through them); the backward
+        # addresses them as rows again, which costs nothing unless as_rows had to copy
+        ctx.save_for_backward(gate, up)
         ctx.rows = (*rows, gate.shape)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        g, u = ctx.saved_tensors
+        gate, up = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that carry their own graph
+            return reference_grads(swiglu_reference, (gate, up), ctx.needs_input_grad, (grad_out,))
+        g, u = as_rows(gate)[0], as_rows(up)[0]
         n_rows, n, stride_g, stride_u, shape = ctx.rows
         dy, stride_dy = as_rows(grad_out)
         grad_gate = g.new_empty(shape)
@@ -168,15 +171,17 @@ class SwiGLUPackedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        out, (gu, *rows) = _packed_forward(gate_up)
-        ctx.save_for_backward(gu)
+        out, (_, *rows) = _packed_forward(gate_up)
+        ctx.save_for_backward(gate_up)
         ctx.rows = (*rows, gate_up.shape)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        (gu,) = ctx.saved_tensors
+        (gate_up,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that carry their own graph
+            return reference_grads(lambda t: swiglu_reference(*_halves(t)), (gate_up,), (True,), (grad_out,))
+        gu = as_rows(gate_up)[0]
         n_rows, n, stride, shape = ctx.rows
         dy, stride_dy = as_rows(grad_out)
         grad = gu.new_empty(shape)
@@ -230,9 +235,26 @@ def _swiglu_fwd_backward(ctx, grad_out: torch.Tensor):
 swiglu_fwd.register_autograd(_swiglu_fwd_backward, setup_context=_swiglu_setup_context)
 
 
+def _check_packed(op: str, gate_up: torch.Tensor, grad_out: torch.Tensor | None = None) -> None:
+    """What the packed custom ops need (they are callable directly, as ``torch.ops.rotalabs_accel``)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"{op}: gate_up must be 2-D [M, 2N] (an even last dimension), got shape "
+                         f"{list(gate_up.shape)}")
+    if gate_up.dtype not in _kernels().KERNEL_DTYPES:
+        raise TypeError(f"{op}: gate_up must be one of {_kernels().KERNEL_DTYPES}, got {gate_up.dtype}")
+    if grad_out is not None:
+        shape = [gate_up.shape[0], gate_up.shape[1] // 2]
+        if list(grad_out.shape) != shape:
+            raise ValueError(f"{op}: grad_out must have shape {shape}, got {list(grad_out.shape)}")
+        if grad_out.dtype != gate_up.dtype:
+            raise TypeError(f"{op}: grad_out must have the dtype of gate_up ({gate_up.dtype}), got "
+                            f"{grad_out.dtype}")
+
+
 @torch.library.custom_op("rotalabs_accel::swiglu_packed_fwd", mutates_args=())
 def swiglu_packed_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` for a 2-D ``gate_up = [g | u]``; returns a new contiguous ``[M, N]`` tensor."""
+    _check_packed("swiglu_packed_fwd", gate_up)
     gu = unit_col_stride(gate_up)
     n_rows, width = gu.shape
     n = width // 2
@@ -249,6 +271,7 @@ def _swiglu_packed_fwd_fake(gate_up: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("rotalabs_accel::swiglu_packed_bwd", mutates_args=())
 def swiglu_packed_bwd(grad_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`swiglu_packed_fwd` with respect to ``gate_up``: one new ``[M, 2N]`` tensor."""
+    _check_packed("swiglu_packed_bwd", gate_up, grad_out)
     gu, dy = unit_col_stride(gate_up), unit_col_stride(grad_out)
     n_rows, width = gu.shape
     n = width // 2
@@ -323,6 +346,11 @@ def _activation_backward_in_place(
         grad_h.copy_(h)
 
 
+def _ffn_reference(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias):
+    h = swiglu_reference(F.linear(x, gate_weight, gate_bias), F.linear(x, up_weight, up_bias))
+    return F.linear(h, down_weight, down_bias)
+
+
 _swiglu_apply = direct_apply(SwiGLUFunction, 0, 1)
 _swiglu_packed_apply = direct_apply(SwiGLUPackedFunction, 0)
 
@@ -367,7 +395,8 @@ class SwiGLUFFNFunction(torch.autograd.Function):
         del h
         # gate_weight and up_weight are saved even when packed so that autograd's version check
         # catches an in-place update of either between forward and backward.
-        ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate_up_weight, *saved)
+        ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate_up_weight, *saved,
+                              gate_bias, up_bias, down_bias)
         ctx.packed = gate_up_weight is not None
         ctx.has_bias = (gate_bias is not None, up_bias is not None)
         ctx.use_kernel = use_kernel
@@ -375,8 +404,13 @@ class SwiGLUFFNFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference block instead (gradients that carry
+            # their own graph); the saved projections are left as they are.
+            x, gate_weight, up_weight, down_weight, _, _, _, gate_bias, up_bias, down_bias = ctx.saved_tensors
+            inputs = (x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+            return (*reference_grads(_ffn_reference, inputs, ctx.needs_input_grad[:7], (grad_y,)), None)
         if ctx.consumed:
             raise RuntimeError(
                 "SwiGLU feed-forward: backward ran twice through the same graph (retain_graph=True?). "
@@ -384,7 +418,7 @@ class SwiGLUFFNFunction(torch.autograd.Function):
                 "supports one backward per forward; run the forward again for another backward."
             )
         ctx.consumed = True
-        x, gate_weight, up_weight, down_weight, gate_up_weight, gate, up = ctx.saved_tensors
+        x, gate_weight, up_weight, down_weight, gate_up_weight, gate, up, *_ = ctx.saved_tensors
         if ctx.packed:
             gate_up = gate
             gate, up = _halves(gate_up)

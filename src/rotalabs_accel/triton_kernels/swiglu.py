@@ -488,7 +488,7 @@ def swiglu_backward_rows(
 def _check_operand(name: str, t: torch.Tensor, shape: tuple[int, int]) -> None:
     if t.dim() != 2 or tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected a 2-D tensor of shape {list(shape)}, got {list(t.shape)}")
-    if t.stride(1) != 1 and shape[1] > 1:
+    if t.stride(1) != 1 and shape[1] > 1 and shape[0] > 0:  # an empty tensor's strides address nothing
         raise ValueError(f"{name}: expected unit stride along the last dimension, got strides {t.stride()}")
     if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: the kernel supports {KERNEL_DTYPES}, got {t.dtype}")
