@@ -587,6 +587,10 @@ def _hf(module_path, name):
         ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", {}, 1.0, "gemma"),
         ("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextRMSNorm", {}, 1.0, "gemma"),
         ("transformers.models.gemma3n.modeling_gemma3n", "Gemma3nRMSNorm", {}, 0.0, "gemma"),
+        # the weight multiplies the already cast output (the source mentions type_as, but not last)
+        ("transformers.models.llama4.modeling_llama4", "Llama4TextRMSNorm", {}, 0.0, "llama"),
+        # the product is cast last, with .to(input_dtype)
+        ("transformers.models.olmo2.modeling_olmo2", "Olmo2RMSNorm", {}, 0.0, "gemma"),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -608,6 +612,94 @@ def test_from_hugging_face_module(module_path, name, kwargs, offset, mode, dtype
     source.load_state_dict(fresh.state_dict())
 
 
+@pytest.mark.parametrize(
+    "module_path, name",
+    [
+        ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+        ("transformers.models.llama4.modeling_llama4", "Llama4TextRMSNorm"),
+        ("transformers.models.olmo2.modeling_olmo2", "Olmo2RMSNorm"),
+        ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm"),
+    ],
+)
+def test_from_hugging_face_module_fp32_weight_bf16_input(module_path, name):
+    # Mixed precision keeps the weight in fp32: the casting mode decides the output dtype and bits.
+    source = _hf(module_path, name)(48, eps=1e-5)
+    with torch.no_grad():
+        source.weight.normal_()
+    norm = TritonRMSNorm.from_module(source)
+    x = randn(3, 48, dtype=torch.bfloat16, scale=3.0)
+    expected = source(x)
+    got = norm(x)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.LayerNorm(16), lambda: torch.nn.LayerNorm(16, bias=False), lambda: torch.nn.GroupNorm(4, 16),
+    lambda: torch.nn.BatchNorm1d(16), lambda: torch.nn.InstanceNorm1d(16, affine=True),
+], ids=["LayerNorm", "LayerNorm-nobias", "GroupNorm", "BatchNorm1d", "InstanceNorm1d"])
+def test_from_module_refuses_other_norms(make):
+    with pytest.raises(ValueError, match="is not an RMSNorm"):
+        TritonRMSNorm.from_module(make())
+
+
+def test_from_module_refuses_mean_centering_and_bias():
+    cohere = _hf("transformers.models.cohere.modeling_cohere", "CohereLayerNorm")(16)
+    with pytest.raises(ValueError, match="subtracts a mean"):
+        TritonRMSNorm.from_module(cohere)
+    source = _hf("transformers.models.llama.modeling_llama", "LlamaRMSNorm")(16)
+    source.bias = torch.nn.Parameter(torch.zeros(16))
+    with pytest.raises(ValueError, match="has a bias"):
+        TritonRMSNorm.from_module(source)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_eps_none_is_torchs_for_half_inputs(dtype):
+    # nn.RMSNorm(eps=None) takes the epsilon of fp32 (the dtype it computes in), not of fp16 / bf16:
+    # with small activations the difference is the whole result.
+    source = torch.nn.RMSNorm(64, eps=None, dtype=dtype)
+    with torch.no_grad():
+        source.weight.normal_()
+    x = randn(4, 64, dtype=dtype, scale=1e-2)
+    expected = source(x)
+    for norm in (TritonRMSNorm.from_module(source), TritonRMSNorm(64, eps=None, casting_mode="gemma", dtype=dtype)):
+        with torch.no_grad():
+            norm.weight.copy_(source.weight)
+        torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
+    for device in kernel_devices():
+        if device == "none":
+            continue
+        with rotalabs_accel.use_backend("triton"):
+            got = rmsnorm(x.to(device), source.weight.to(device), None, casting_mode="gemma")
+        ref = rmsnorm_reference(x.double(), source.weight.double(), torch.finfo(torch.float32).eps,
+                                casting_mode="gemma")
+        assert_within_torch_error(got.cpu(), expected, ref, dtype, "eps=None")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_none_mode_accumulates_squares_in_fp32(device):
+    # |x| > 256 squares past fp16's range: both paths still return the normalized rows.
+    x = randn(4, 64, dtype=torch.float16, scale=100.0, device=device)
+    x[:, 0] = 300.0
+    w = randn(64, dtype=torch.float16, device=device)
+    with rotalabs_accel.use_backend("torch"):
+        ref_path = rmsnorm(x, w, casting_mode="none")
+    with rotalabs_accel.use_backend("triton"):
+        kernel = rmsnorm(x, w, casting_mode="none")
+    exact = rmsnorm_reference(x.double(), w.double(), 1e-6, casting_mode="none")
+    assert torch.isfinite(ref_path).all() and ref_path.abs().max() > 1
+    torch.testing.assert_close(kernel, ref_path, rtol=0, atol=0)
+    torch.testing.assert_close(ref_path.double(), exact, rtol=4e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_zero_width_with_zero_eps(device):
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    with rotalabs_accel.use_backend("triton"):
+        y = rmsnorm(x, None, eps=0.0)
+    y.sum().backward()
+    assert y.shape == (3, 0) and x.grad.shape == (3, 0)
+
+
 def test_from_weightless_hugging_face_module():
     cls = _hf("transformers.models.gemma3n.modeling_gemma3n", "Gemma3nRMSNorm")
     source = cls(16, eps=1e-6, with_scale=False)
@@ -625,6 +717,8 @@ def test_from_module_keeps_requires_grad_and_rejects_non_norms():
     source.weight.requires_grad_(False)
     assert not TritonRMSNorm.from_module(source).weight.requires_grad
     with pytest.raises(ValueError, match="must be 1-D"):
+        TritonRMSNorm.from_module(torch.nn.Linear(8, 8, bias=False))
+    with pytest.raises(ValueError, match="has a bias"):
         TritonRMSNorm.from_module(torch.nn.Linear(8, 8))
     bare = torch.nn.Module()
     bare.weight = torch.nn.Parameter(torch.ones(8))

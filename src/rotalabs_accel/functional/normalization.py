@@ -107,9 +107,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
-    # eps=None follows torch.nn.RMSNorm: the machine epsilon of the input dtype.
+    # eps=None follows torch.nn.RMSNorm / F.rms_norm: the machine epsilon of the dtype the norm is
+    # computed in, float32 for float16 / bfloat16 inputs (ATen takes the epsilon of the input's
+    # "opmath" type), float64 for float64.
     if eps is None:
-        return torch.finfo(dtype).eps
+        return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
     return eps if type(eps) is float else float(eps)
 
 
@@ -142,7 +144,8 @@ def rmsnorm(
         x: ``(..., N)`` float32 / float16 / bfloat16 (float64 runs the PyTorch reference). Any number of
             leading dimensions; rows may be strided (e.g. a slice of a wider tensor) without a copy.
         weight: ``(N,)`` scale, or ``None`` for none.
-        eps: added to the mean square; ``None`` uses ``torch.finfo(x.dtype).eps`` as ``torch.nn.RMSNorm``.
+        eps: added to the mean square; ``None`` takes the machine epsilon of the dtype the norm is
+            computed in (``float32`` for fp16 / bf16 inputs), as ``torch.nn.RMSNorm`` does.
         offset: added to the weight before scaling (``1.0`` for Gemma checkpoints, which store ``w - 1``).
         casting_mode: ``"llama"``, ``"gemma"`` or ``"none"``.
 

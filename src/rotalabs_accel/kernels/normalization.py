@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +24,62 @@ def _forward_source(module: torch.nn.Module) -> str | None:
         return inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return None
+
+
+# Normalizations that are not RMSNorm although they have a 1-D weight and an eps.
+_NOT_RMSNORM = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
+                torch.nn.LocalResponseNorm)
+
+
+def _forward_body(source: str) -> list[ast.stmt] | None:
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return None
+    func = tree.body[0] if tree.body else None
+    return func.body if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
+def _assignments(body: list[ast.stmt]) -> dict[str, ast.expr]:
+    """The last expression assigned to each plain name at the top level of a function body."""
+    last: dict[str, ast.expr] = {}
+    for stmt in body:
+        if isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                if isinstance(target, ast.Name):
+                    last[target.id] = stmt.value
+    return last
+
+
+def _is_mean_call(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "mean"
+
+
+def _centers(body: list[ast.stmt]) -> bool:
+    """Whether the forward subtracts a mean (``x - x.mean(...)``, ``x - mean``): LayerNorm, not RMSNorm."""
+    means = {name for name, value in _assignments(body).items() if _is_mean_call(value)}
+    for stmt in body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Sub):
+                for side in (node.left, node.right):
+                    if _is_mean_call(side) or (isinstance(side, ast.Name) and side.id in means):
+                        return True
+    return False
+
+
+def _casts_last(body: list[ast.stmt]) -> bool | None:
+    """Whether the returned value is cast last (``(w * h).to(dtype)``, ``out.type_as(x)``: everything
+    in fp32, one cast: the ``gemma`` casting mode) rather than multiplied by the weight after a cast
+    (``w * h.to(dtype)``: ``llama``). ``None`` when there is no single return to read."""
+    returns = [stmt for stmt in body if isinstance(stmt, ast.Return) and stmt.value is not None]
+    if len(returns) != 1:
+        return None
+    value, names, seen = returns[0].value, _assignments(body), set()
+    while isinstance(value, ast.Name) and value.id in names and value.id not in seen:
+        seen.add(value.id)
+        value = names[value.id]
+    return (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
+            and value.func.attr in ("to", "type_as", "type"))
 
 
 class TritonRMSNorm(torch.nn.RMSNorm):
@@ -44,7 +102,8 @@ class TritonRMSNorm(torch.nn.RMSNorm):
 
     Args:
         hidden_size: size of the normalized (last) dimension.
-        eps: added to the mean square; ``None`` uses ``torch.finfo(x.dtype).eps`` (as ``torch.nn.RMSNorm``).
+        eps: added to the mean square; ``None`` takes the machine epsilon of the dtype the norm is
+            computed in (``float32`` for fp16 / bf16 inputs), as ``torch.nn.RMSNorm`` does.
         offset: added to the weight before scaling (``1.0`` for Gemma-style checkpoints). The weight
             is initialized to ``1 - offset`` so that a fresh module scales by one.
         casting_mode: ``"llama"``, ``"gemma"`` or ``"none"``.
@@ -146,8 +205,14 @@ class TritonRMSNorm(torch.nn.RMSNorm):
           ``(1 + self.weight)`` (Gemma, Gemma 2/3, Qwen3-Next, ...), else ``0.0``. When the source
           cannot be read, a class name containing ``"Gemma"`` without a ``with_scale`` attribute means
           ``1.0``.
-        * ``casting_mode`` (when not given) is ``"gemma"`` if the class name contains ``"Gemma"`` or the
-          forward ends with ``.type_as(...)`` (everything in fp32, one cast), else ``"llama"``.
+        * ``casting_mode`` (when not given) is ``"gemma"`` when the value the forward returns is cast
+          last (``output.type_as(x)``, ``(self.weight * h).to(input_dtype)``: everything in fp32, one
+          cast; Gemma, OLMo 2), else ``"llama"`` (the weight multiplies an already cast value:
+          ``self.weight * h.to(input_dtype)``; Llama, Mistral, Qwen, Llama 4). When the source
+          cannot be read, a class name containing ``"Gemma"`` means ``"gemma"``.
+
+        Modules that are not RMSNorm are refused: ``nn.LayerNorm``, ``nn.GroupNorm``, batch and
+        instance norms, any module with a ``bias`` tensor, and forwards that subtract a mean.
 
         Args:
             module: the module to convert (left unchanged).
@@ -159,8 +224,8 @@ class TritonRMSNorm(torch.nn.RMSNorm):
             function.
 
         Raises:
-            ValueError: the module has no ``eps``/``variance_epsilon``, a weight that is not 1-D, or no
-                weight and no way to tell the hidden size.
+            ValueError: the module is not an RMSNorm (see above), has no ``eps``/``variance_epsilon``,
+                a weight that is not 1-D, or no weight and no way to tell the hidden size.
 
         Example:
             >>> import torch
@@ -169,12 +234,19 @@ class TritonRMSNorm(torch.nn.RMSNorm):
             >>> norm.eps, norm.casting_mode
             (1e-05, 'gemma')
         """
+        kind = type(module).__name__
+        if isinstance(module, _NOT_RMSNORM):
+            raise ValueError(f"from_module: {kind} is not an RMSNorm (it centers by the mean or normalizes "
+                             "over other dimensions); convert only RMSNorm modules")
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            raise ValueError(f"from_module: {kind} has a bias, which RMSNorm does not; convert only "
+                             "RMSNorm modules")
         if isinstance(module, torch.nn.RMSNorm) and len(module.normalized_shape) != 1:
             raise ValueError(
                 "from_module: only normalization over the last dimension is supported, got "
                 f"normalized_shape={tuple(module.normalized_shape)}"
             )
-        kind = type(module).__name__
         weight = getattr(module, "weight", None)
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise ValueError(f"from_module: {kind}.weight must be a tensor, got {type(weight).__name__}")
@@ -205,13 +277,18 @@ class TritonRMSNorm(torch.nn.RMSNorm):
                 if hidden_size is None:
                     raise ValueError(f"from_module: {name} has no weight and no hidden_size/dim attribute")
             source = _forward_source(module)
+            body = None if source is None else _forward_body(source)
+            if body is not None and _centers(body):
+                raise ValueError(f"from_module: {name}.forward subtracts a mean: a LayerNorm, not an "
+                                 "RMSNorm; convert only RMSNorm modules")
+            casts_last = None if body is None else _casts_last(body)
             if source is not None:
                 detected_offset = 1.0 if _UNIT_OFFSET.search(source) else 0.0
-                is_gemma_math = "type_as(" in source
             else:
                 detected_offset = 1.0 if ("Gemma" in name and not hasattr(module, "with_scale")) else 0.0
-                is_gemma_math = False
-            detected_mode = "gemma" if ("Gemma" in name or is_gemma_math) else "llama"
+            if casts_last is None:  # no source, or no single return to read: go by the family name
+                casts_last = "Gemma" in name
+            detected_mode = "gemma" if casts_last else "llama"
         if weight is None:
             detected_offset = 0.0
         new = cls(

@@ -21,9 +21,9 @@ mode       computation                                                      outp
 ``gemma``  ``(x.float() * rstd * (o + w.float())).to(x.dtype)`` (Hugging      ``x.dtype``
            Face ``GemmaRMSNorm`` with ``o = 1``; also ``torch.nn.RMSNorm`` /
            ``F.rms_norm`` with ``o = 0``): everything in fp32, one final cast
-``none``   ``x * rsqrt(mean(x ** 2) + eps) * (o + w)`` with no casts: every      ``promote(x.dtype,
-           intermediate rounds to the input dtype (fastest to write, least      w.dtype)``
-           accurate; squares of large fp16 inputs can overflow here)
+``none``   ``x * rsqrt(mean(x ** 2) + eps) * (o + w)`` with no casts: the mean      ``promote(x.dtype,
+           square is accumulated in fp32, then every value (``rstd``, the      w.dtype)``
+           products) rounds to the input dtype (least accurate)
 =========  ===============================================================  ==========================
 
 "fp32" above means "at least fp32": a float64 input stays float64.
@@ -108,7 +108,10 @@ def rmsnorm_reference(
             y = y * (offset + weight.to(_compute_dtype(weight.dtype)))
         return y.to(x.dtype)
     if casting_mode == "none":
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        # The mean square is accumulated in fp32 (as in every mode: squares of fp16 inputs above 256
+        # would overflow in fp16); rstd is then rounded to the input dtype like every other value.
+        mean_sq = x.to(_compute_dtype(x.dtype)).pow(2).mean(-1, keepdim=True)
+        y = x * torch.rsqrt(mean_sq + eps).to(x.dtype)
         if weight is None:
             return y
         return y * (offset + weight)

@@ -1041,7 +1041,7 @@ def _empty_forward(x, residual, m, n, eps, out_dtype, store_rstd):
     new_residual = None if residual is None else torch.empty((m, n), dtype=s_dtype, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device) if store_rstd else None
     if n == 0 and rstd is not None:
-        rstd.fill_(float(eps) ** -0.5)
+        rstd.fill_(float(eps) ** -0.5 if eps > 0 else float("inf"))  # 1 / sqrt(0 + eps)
     return y, new_residual, rstd
 
 
