@@ -634,8 +634,9 @@ def test_from_hugging_face_module_fp32_weight_bf16_input(module_path, name):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: torch.nn.LayerNorm(16), lambda: torch.nn.LayerNorm(16, bias=False), lambda: torch.nn.GroupNorm(4, 16),
-    lambda: torch.nn.BatchNorm1d(16), lambda: torch.nn.InstanceNorm1d(16, affine=True),
+    lambda: torch.nn.LayerNorm(16), lambda: torch.nn.LayerNorm(16, bias=False),
+    lambda: torch.nn.GroupNorm(4, 16), lambda: torch.nn.BatchNorm1d(16),
+    lambda: torch.nn.InstanceNorm1d(16, affine=True),
 ], ids=["LayerNorm", "LayerNorm-nobias", "GroupNorm", "BatchNorm1d", "InstanceNorm1d"])
 def test_from_module_refuses_other_norms(make):
     with pytest.raises(ValueError, match="is not an RMSNorm"):
@@ -661,7 +662,8 @@ def test_eps_none_is_torchs_for_half_inputs(dtype):
         source.weight.normal_()
     x = randn(4, 64, dtype=dtype, scale=1e-2)
     expected = source(x)
-    for norm in (TritonRMSNorm.from_module(source), TritonRMSNorm(64, eps=None, casting_mode="gemma", dtype=dtype)):
+    built = TritonRMSNorm(64, eps=None, casting_mode="gemma", dtype=dtype)
+    for norm in (TritonRMSNorm.from_module(source), built):
         with torch.no_grad():
             norm.weight.copy_(source.weight)
         torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)

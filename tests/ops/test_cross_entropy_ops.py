@@ -298,8 +298,8 @@ def test_double_backward_through_a_gradient_that_needs_grad(device):
     torch.testing.assert_close(v.grad, torch.zeros_like(v), rtol=0, atol=1e-6)
     (g2,) = torch.autograd.grad((grad ** 2).sum(), logits)
     l64 = logits.detach().double().requires_grad_()
-    (r,) = torch.autograd.grad(cross_entropy_reference(l64, target, reduction="none"), l64, v.detach().double(),
-                               create_graph=True)
+    rows64 = cross_entropy_reference(l64, target, reduction="none")
+    (r,) = torch.autograd.grad(rows64, l64, v.detach().double(), create_graph=True)
     (r2,) = torch.autograd.grad((r ** 2).sum(), l64)
     torch.testing.assert_close(g2.double(), r2, rtol=1e-4, atol=1e-6)
 

@@ -586,7 +586,7 @@ def test_compile_traces_leading_dimensions_that_do_not_collapse(device):
 @pytest.mark.parametrize("device", kernel_devices())
 def test_packed_custom_ops_check_their_inputs(device):
     ops = torch.ops.rotalabs_accel
-    with pytest.raises(ValueError, match=r"swiglu_packed_bwd: grad_out must have shape \[4, 6\], got \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"swiglu_packed_bwd: grad_out must have shape \[4, 6\], got \[1"):
         ops.swiglu_packed_bwd(randn(1, 2, device=device), randn(4, 12, device=device))
     with pytest.raises(ValueError, match="even last dimension"):
         ops.swiglu_packed_fwd(randn(4, 7, device=device))
