@@ -11,11 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import rotalabs_accel
 from helpers import FLOAT_DTYPES, assert_within_torch_error, kernel_devices, randn, rel_err
 from rotalabs_accel.functional import gemm as gemm_functional
 from rotalabs_accel.kernels.gemm import Int8Linear, int8_gemm
+from rotalabs_accel.quantization.symmetric import QuantizedLinear
 from rotalabs_accel.reference.int8 import (
     dequantize_weight_reference,
     int8_linear_reference,
@@ -400,6 +402,49 @@ def test_empty_rows_return_empty(device):
     assert empty.grad.shape == empty.shape
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("shape", [(0, 24), (2, 0, 24)])
+def test_empty_rows_give_the_bias_a_zero_gradient_like_nn_linear(device, shape):
+    linear = nn.Linear(24, 10).to(device)
+    layer = QuantizedLinear.from_linear(linear)
+    for backend in ("torch", "triton"):
+        layer.bias.grad = linear.bias.grad = None
+        x = randn(*shape, device=device).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        with rotalabs_accel.use_backend(backend):
+            out = layer(x)
+        expected = linear(x_ref)
+        assert out.shape == expected.shape == (*shape[:-1], 10)
+        out.sum().backward()
+        expected.sum().backward()
+        assert torch.equal(layer.bias.grad, linear.bias.grad)
+        assert layer.bias.grad.shape == (10,) and x.grad.shape == x.shape
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_in_features_give_nn_linears_result(device, bias):
+    linear = nn.Linear(0, 8, bias=bias).to(device)
+    if bias:
+        with torch.no_grad():
+            linear.bias.copy_(randn(8, device=device))
+    layer = QuantizedLinear.from_linear(linear)
+    assert layer.weight_int8.shape == (8, 0) and torch.isfinite(layer.scale).all()
+    x = randn(2, 3, 0, device=device)
+    for backend, mode in (("torch", "w8a16"), ("torch", "w8a8"), ("triton", "w8a16"), ("triton", "w8a8")):
+        layer.mode = mode
+        with rotalabs_accel.use_backend(backend):
+            out = layer(x)
+        assert out.shape == (2, 3, 8) and out.dtype == x.dtype
+        assert torch.equal(out, linear(x)), (backend, mode)  # the bias (or zeros): an empty sum is exact
+    b = randn(8, device=device) if bias else None
+    out = int8_gemm(x, torch.zeros(8, 0, dtype=torch.int8, device=device), torch.ones(8, device=device), b)
+    assert torch.equal(out, b.expand(2, 3, 8) if bias else torch.zeros(2, 3, 8, device=device))
+
+
 # --------------------------------------------------------------------------------------------------
 # Gradients with respect to x and the bias (the int8 weight is frozen)
 # --------------------------------------------------------------------------------------------------
@@ -474,6 +519,48 @@ def test_activation_quantizer_is_bit_identical(device, dtype):
     assert not q.isnan().any()
 
 
+def _old_quantize_rows(x):
+    """The per-token quantizer as it was for finite rows (fp32 ops in the same order)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1).clamp_min(2.0**-64)
+    int8_max = torch.full_like(amax, 127)
+    q = (xf * (int8_max / amax)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, amax / int8_max
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("k", [100, 5000])  # one pass, and two passes over K
+def test_activation_quantizer_gives_non_finite_rows_a_nan_scale(device, dtype, k):
+    from rotalabs_accel.triton_kernels.int8_gemm import quantize_rows
+
+    x = randn(6, k, dtype=dtype, device=device) * 3
+    x[1, k // 2] = float("nan")
+    x[2, k - 1] = float("inf")
+    x[3, 0] = -float("inf")
+    x[5] = 0
+    bad, good = [1, 2, 3], [0, 4, 5]
+    q, sx = quantize_rows(x)
+    q_ref, s_ref = quantize_symmetric_reference(x, dim=-1)
+    assert torch.equal(q, q_ref)
+    torch.testing.assert_close(sx, s_ref, rtol=0, atol=0, equal_nan=True)
+    assert sx[bad].isnan().all() and torch.equal(q[bad], torch.zeros(3, k, dtype=torch.int8, device=device))
+    # finite rows: bit-identical to the quantizer before non-finite rows were handled
+    q_old, s_old = _old_quantize_rows(x[good])
+    assert torch.equal(q[good], q_old) and torch.equal(sx[good], s_old)
+    # through W8A8 on both backends: NaN rows, and the finite rows as the exact float64 evaluation
+    _, qw, sw, b = _problem(1, 24, k, dtype, device=device)
+    exact = _w8a8_exact64(x[good], qw, sw, b)
+    outs = {}
+    for backend in ("torch", "triton"):
+        with rotalabs_accel.use_backend(backend):
+            outs[backend] = out = int8_gemm(x, qw, sw, b, mode="w8a8")
+        assert out[bad].isnan().all(), backend
+        assert_within_torch_error(out[good], w8a8_linear_reference(x[good], qw, sw, b), exact, dtype)
+    torch.testing.assert_close(outs["triton"][good], outs["torch"][good], rtol=2**-7, atol=1e-2)
+
+
 def test_auto_mode_is_weight_only_by_default():
     assert gemm_functional.W8A8_AUTO_MIN_TOKENS is None
     x, q, s, b = _problem(2000, 8, 32, torch.float32)
@@ -505,6 +592,26 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
     assert out.dtype == linear_dtype == torch.bfloat16
     # the reference inside ran with autocast off: the same result as a bf16 call outside autocast
     assert torch.equal(out, int8_gemm(x.bfloat16(), q, s, b))
+
+
+def test_autocast_leaves_fp64_inputs_alone_like_nn_linear():
+    x, q, s, b = _problem(3, 8, 32, torch.float64)
+    layer = QuantizedLinear(32, 8, dtype=torch.float64)
+    layer.quantize_weights(randn(8, 32))
+    for x_dtype, expected_dtype in ((torch.float64, torch.float64), (torch.float16, torch.bfloat16)):
+        xi = x.to(x_dtype)
+        linear = nn.Linear(32, 8, dtype=torch.float64 if x_dtype == torch.float64 else torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = int8_gemm(xi, q, s, b)
+            layer_out = layer(xi)
+            assert linear(xi).dtype == expected_dtype  # what nn.Linear does
+        assert out.dtype == layer_out.dtype == expected_dtype
+        # the same values as the call outside autocast in that dtype
+        assert torch.equal(out, int8_gemm(xi.to(expected_dtype), q, s, b))
+    # fp64 keeps its precision: the float64 product, not a bf16 one
+    ref64 = int8_linear_reference(x, q, s, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rel_err(int8_gemm(x, q, s, b), ref64) < 1e-12
 
 
 # --------------------------------------------------------------------------------------------------

@@ -95,12 +95,72 @@ def test_quantization_bad_inputs():
         dequantize(torch.ones(3), torch.ones(()))
     with pytest.raises(ValueError, match="scale must have shape"):
         dequantize(torch.ones(3, 4, dtype=torch.int8), torch.ones(4))
-    with pytest.raises(ValueError, match="cannot infer group_size"):
-        dequantize(torch.ones(3, 10, dtype=torch.int8), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="cannot infer group_size.*ambiguous"):
+        dequantize(torch.ones(3, 30, dtype=torch.int8), torch.ones(3, 4))  # any group size from 8 to 9
+    with pytest.raises(ValueError, match="no group size gives"):
+        dequantize(torch.ones(3, 10, dtype=torch.int8), torch.ones(3, 11))
     with pytest.raises(ValueError, match="weight must be 2-D"):
         quantize_weight_per_channel(torch.randn(4))
     with pytest.raises(TypeError, match="weight must be a floating-point"):
         quantize_weight_per_channel(torch.ones(4, 4, dtype=torch.int8))
+
+
+def test_infer_group_size_prefers_the_power_of_two_that_fits():
+    """For every K and power-of-two group size g, the scale's group count G = ceil(K / g) gives back g."""
+    for g in (16, 32, 64, 128, 256):
+        for k in range(1, 700, 3):
+            groups = -(-k // g)
+            inferred = ref_int8.infer_group_size(k, groups)
+            assert -(-k // inferred) == groups, (k, g, inferred)
+            if groups >= 2:  # with one group any g >= K gives the same scales
+                assert inferred == g, (k, g, inferred)
+    assert ref_int8.infer_group_size(96, 4) == 24  # no power of two fits 4 groups of 96: the divisor
+    assert ref_int8.infer_group_size(150, 3, 50) == 50  # a declared group size wins over the rule
+    assert ref_int8.infer_group_size(0, 0) == 16
+    with pytest.raises(ValueError, match="group_size=64 over 130 elements gives ceil"):
+        ref_int8.infer_group_size(130, 2, 64)
+
+
+@pytest.mark.parametrize("k, group_size", [(130, 128), (300, 128), (96, 64), (200, 128), (4, 16)])
+def test_dequantize_infers_a_partial_last_group(k, group_size):
+    x = randn(4, k) * 2
+    q, s = quantize_symmetric(x, group_size=group_size)
+    explicit = dequantize(q, s, group_size=group_size)
+    assert torch.equal(dequantize(q, s), explicit)
+    # against the float64 values: round to nearest within each group, at most half that group's step
+    steps = s.double().repeat_interleave(group_size, dim=1)[:, :k]
+    assert ((explicit.double() - x.double()).abs() <= steps / 2 * (1 + 1e-6)).all()
+    # grouped along dim 0 (p12 of the audit: 130 rows in groups of 128)
+    q0, s0 = quantize_symmetric(x.T.contiguous(), dim=0, group_size=group_size)
+    assert torch.equal(dequantize(q0, s0, dim=0), dequantize(q0, s0, dim=0, group_size=group_size))
+
+
+def test_non_finite_slices_get_a_nan_scale_and_zeros():
+    x = randn(5, 40)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 0] = -float("inf")
+    q, s = quantize_symmetric(x)
+    assert s[1:4].isnan().all() and torch.isfinite(s[[0, 4]]).all()
+    assert torch.equal(q[1:4], torch.zeros(3, 40, dtype=torch.int8))
+    assert dequantize(q, s)[1:4].isnan().all()
+    # the finite rows are what they would be alone, and within half a step of the float64 values
+    q_alone, s_alone = quantize_symmetric(x[[0, 4]])
+    assert torch.equal(q[[0, 4]], q_alone) and torch.equal(s[[0, 4]], s_alone)
+    err = (dequantize(q_alone, s_alone).double() - x[[0, 4]].double()).abs()
+    assert (err <= s_alone.double()[:, None] / 2 * (1 + 1e-6)).all()
+    # per group: only the group holding the NaN
+    qg, sg = quantize_symmetric(x, group_size=16)
+    assert sg[1].isnan().tolist() == [True, False, False] and torch.equal(qg[1, :16], q[1, :16])
+
+
+def test_empty_in_features_quantize_like_an_all_zero_row():
+    q, s = quantize_weight_per_channel(randn(8, 0))
+    assert q.shape == (8, 0) and q.dtype == torch.int8 and s.shape == (8,) and s.dtype == torch.float32
+    _, s_zero = quantize_weight_per_channel(torch.zeros(8, 3))
+    assert torch.equal(s, s_zero) and (s > 0).all()
+    qg, sg = quantize_weight_per_channel(randn(8, 0), group_size=16)
+    assert qg.shape == (8, 0) and sg.shape == (8, 0)
 
 
 def test_weight_quantization_in_chunks_equals_whole(monkeypatch):
@@ -199,9 +259,48 @@ def test_group_checkpoint_loads_into_per_channel_layer():
     assert fresh.group_size == 32
     x = torch.randn(2, 96)
     assert torch.equal(fresh(x), grouped(x))
-    bad = dict(grouped.state_dict(), scale=torch.ones(40, 7))
-    with pytest.raises(ValueError, match="does not fit"):
+    bad = dict(grouped.state_dict(), scale=torch.ones(40, 97))
+    with pytest.raises(ValueError, match="no group size gives"):
         QuantizedLinear(96, 40).load_state_dict(bad)
+    # 7 groups of 96: any group size from 14 to 15, none a power of two or a divisor
+    ambiguous = dict(grouped.state_dict(), scale=torch.ones(40, 7))
+    with pytest.raises(ValueError, match="ambiguous, construct the layer with group_size="):
+        QuantizedLinear(96, 40).load_state_dict(ambiguous)
+    with pytest.raises(ValueError, match="does not fit"):
+        QuantizedLinear(96, 40).load_state_dict(dict(grouped.state_dict(), scale=torch.ones(39, 3)))
+
+
+@pytest.mark.parametrize(
+    "k, group_size", [(130, 128), (300, 128), (96, 64), (200, 128), (100, 128), (384, 128), (160, 32)]
+)
+def test_group_checkpoint_with_a_partial_last_group_loads_into_per_channel_layer(k, group_size):
+    src = QuantizedLinear.from_linear(nn.Linear(k, 8), group_size=group_size)
+    dst = QuantizedLinear(k, 8)
+    dst.load_state_dict(src.state_dict())
+    assert dst.group_size == group_size
+    x = randn(4, k)
+    expected = ref_int8.int8_linear_reference(
+        x.double(), src.weight_int8, src.scale, src.bias.detach().double(), group_size
+    )
+    assert torch.equal(dst(x), src(x))
+    assert rel_err(dst(x), expected) < 2**-20  # fp32 reference against the float64 one
+
+
+def test_declared_group_size_decides_an_ambiguous_checkpoint():
+    # 96 in groups of 48 or of 64 both give 2 groups: the rule infers 64, a declared 48 is kept
+    src = QuantizedLinear.from_linear(nn.Linear(96, 8), group_size=48)
+    declared = QuantizedLinear(96, 8, group_size=48)
+    declared.load_state_dict(src.state_dict())
+    x = randn(3, 96)
+    assert declared.group_size == 48 and torch.equal(declared(x), src(x))
+    inferred = QuantizedLinear(96, 8)
+    inferred.load_state_dict(src.state_dict())
+    assert inferred.group_size == 64
+    # a declared group size that does not give the checkpoint's group count is an error, not a guess
+    with pytest.raises(ValueError, match=r"has 3 groups, but group_size=48"):
+        QuantizedLinear(96, 8, group_size=48).load_state_dict(
+            QuantizedLinear.from_linear(nn.Linear(96, 8), group_size=32).state_dict()
+        )
 
 
 def test_quantized_model_state_dict_loads_into_fresh_quantized_model(tmp_path):
@@ -250,6 +349,33 @@ def test_quantize_model_converts_linears_in_place():
     assert type(model.lm_head) is nn.Linear  # skipped by default
     assert type(model.attn.out_proj) is not QuantizedLinear  # MultiheadAttention reads .weight itself
     assert model.extra["a"] is model.extra["b"] and isinstance(model.extra["a"], QuantizedLinear)
+    assert sqnr_db(model(x), expected.double()) > 30
+
+
+def test_w8a8_with_group_size_is_refused_before_anything_is_converted():
+    with pytest.raises(ValueError, match="mode='w8a8' needs per-channel"):
+        Int8Linear(32, 8, group_size=16, mode="w8a8")
+    with pytest.raises(ValueError, match="mode='w8a8' needs per-channel"):
+        QuantizedLinear.from_linear(nn.Linear(32, 8), group_size=16, mode="w8a8")
+    model = _Block()
+    for kwargs in ({"group_size": 16, "mode": "w8a8"}, {"mode": "int4"}):
+        with pytest.raises(ValueError, match="quantize_model: mode"):
+            quantize_model(model, **kwargs)
+        assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    # a group-scaled checkpoint cannot turn a W8A8 layer into a grouped one
+    grouped = QuantizedLinear.from_linear(nn.Linear(32, 8), group_size=16).state_dict()
+    with pytest.raises(ValueError, match="mode='w8a8' needs per-channel"):
+        QuantizedLinear(32, 8, mode="w8a8").load_state_dict(grouped)
+
+
+def test_quantize_model_reports_two_linears_sharing_one_weight():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    model[1].weight = model[0].weight
+    x = randn(3, 16)
+    expected = model(x)
+    _, rep = quantize_model(model, report=True)
+    assert all("shared with" in e.detail for e in rep.entries)
+    assert torch.equal(model[0].weight_int8, model[1].weight_int8)
     assert sqnr_db(model(x), expected.double()) > 30
 
 

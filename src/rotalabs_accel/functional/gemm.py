@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._backend import check_same_device, select_backend
@@ -149,7 +151,8 @@ def int8_gemm(
             PyTorch reference except that ``"w8a8"`` selects the W8A8 math.
 
     Returns:
-        ``[..., N]`` in ``x.dtype`` (in the autocast dtype inside ``torch.autocast``, as ``nn.Linear``).
+        ``[..., N]`` in ``x.dtype`` (in the autocast dtype inside ``torch.autocast`` unless ``x`` is
+        fp64, which autocast leaves alone, as for ``nn.Linear``).
         Differentiable with respect to ``x`` (``dx = dy @ dequant(W)``,
         straight-through for W8A8) and ``bias``; the int8 weight is frozen.
 
@@ -176,9 +179,11 @@ def int8_gemm(
 def _int8_gemm_validated(x, weight_int8, scale, bias, group_size, mode, kernel):
     device_type = x.device.type
     if autocast_enabled(device_type):
-        # as nn.Linear under autocast: compute in the autocast dtype; the reference inside must then run
-        # with autocast off, or its fp32 matmul would be cast down as well
-        x = x.to(torch.get_autocast_dtype(device_type))
+        # as nn.Linear under autocast: compute in the autocast dtype, except for fp64, which autocast
+        # never casts; the reference inside must then run with autocast off, or its fp32 matmul would
+        # be cast down as well
+        if x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
             return _int8_gemm(x, weight_int8, scale, bias, group_size, mode, kernel)
     return _int8_gemm(x, weight_int8, scale, bias, group_size, mode, kernel)
@@ -189,12 +194,16 @@ def _int8_gemm(x, weight_int8, scale, bias, group_size, mode, kernel):
     lead = None
     if x.dim() != 2:
         lead = x.shape[:-1]
-        x = x.reshape(-1, k)
+        # the explicit row count: reshape(-1, 0) of an empty tensor (K = 0) is ambiguous
+        x = x.reshape(math.prod(lead), k)
     rows = x.shape[0]
     w8a8 = _uses_w8a8(mode, kernel, rows, group_size)
     if rows == 0:
-        # no rows, nothing to launch; keeps the autograd connection to x
+        # no rows, nothing to launch; the empty [0, N] result still depends on x and on the bias, so
+        # backward gives them zero gradients of their shapes (as nn.Linear) instead of failing
         out = x[:, :0] @ x.new_zeros((0, n))
+        if bias is not None:
+            out = out + bias.to(out.dtype)
         return out if lead is None else out.reshape(*lead, n)
     backend = select_backend(
         "int8_gemm", x, weight_int8, scale, bias, kernel_reason=_kernel_reason(x, k, group_size, w8a8)

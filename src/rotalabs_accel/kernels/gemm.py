@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..functional.gemm import MODES, int8_gemm, int8_gemm_group
-from ..reference.int8 import dequantize_weight_reference, quantize_weight_reference
+from ..reference.int8 import dequantize_weight_reference, infer_group_size, quantize_weight_reference
 
 __all__ = ["Int8Linear", "int8_gemm", "linears_of_one_input"]
 
@@ -18,6 +18,21 @@ def _check_group_size(group_size) -> None:
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
     ):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+
+
+def check_mode(mode, group_size, fn: str) -> None:
+    """``ValueError`` unless ``mode`` is one of :data:`MODES` and fits ``group_size``.
+
+    W8A8 needs per-channel weight scales (its int32 accumulator is scaled once per output), so
+    ``mode="w8a8"`` with a ``group_size`` is refused where a layer is built, not at its first forward.
+    """
+    if mode not in MODES:
+        raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
+    if mode == "w8a8" and group_size is not None:
+        raise ValueError(
+            f"{fn}: mode='w8a8' needs per-channel weight scales (group_size=None), "
+            f"got group_size={group_size}"
+        )
 
 
 class Int8Linear(nn.Module):
@@ -46,8 +61,13 @@ class Int8Linear(nn.Module):
         out_features: N, the size of each output row.
         bias: add a learnable bias ``[out_features]``.
         group_size: one scale per this many input features (a multiple of 16 for the kernels, e.g.
-            128), for accuracy-sensitive layers; ``None`` for one scale per output channel.
-        mode: ``"auto"``, ``"w8a16"`` or ``"w8a8"``; see :func:`rotalabs_accel.int8_gemm`.
+            128), for accuracy-sensitive layers; ``None`` for one scale per output channel. A
+            ``state_dict`` whose scale has another shape still loads: an ``[out_features]`` scale
+            makes the layer per channel; for an ``[out_features, G]`` scale the group size is this
+            one when given (it must give ``G`` groups), else inferred from the shape (see
+            :meth:`_group_size_for_scale`).
+        mode: ``"auto"``, ``"w8a16"`` or ``"w8a8"``; see :func:`rotalabs_accel.int8_gemm`. ``"w8a8"``
+            needs per-channel scales (``group_size=None``).
         device: where the buffers live.
         dtype: dtype of the bias (the activations may be fp16, bf16 or fp32 whatever it is).
 
@@ -78,11 +98,12 @@ class Int8Linear(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         _check_group_size(group_size)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode, group_size, type(self).__name__)
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
+        # the group size asked for at construction (None: inferred from a loaded scale's shape)
+        self._declared_group_size = group_size
         self.mode = mode
         self.register_buffer(
             "weight_int8", torch.zeros((out_features, in_features), dtype=torch.int8, device=device)
@@ -175,25 +196,36 @@ class Int8Linear(nn.Module):
     # ----------------------------------------------------------------------------------------------
 
     def _group_size_for_scale(self, shape: torch.Size) -> int | None:
-        """The group size a checkpoint's scale shape implies (``ValueError`` when it fits none)."""
+        """The group size a checkpoint's scale of ``shape`` implies.
+
+        ``[out_features]`` is per channel (``None``). For ``[out_features, G]`` the rule is
+        :func:`rotalabs_accel.reference.int8.infer_group_size` over ``K = in_features``: the
+        ``group_size`` the layer was constructed with when it gives ``ceil(K / group_size) == G``;
+        without one, the power of two ``g >= 16`` with ``ceil(K / g) == G`` (so K = 130 in 2 groups is
+        128, not 65), else ``K // G`` when it divides exactly.
+
+        Raises:
+            ValueError: the shape fits no group size, not the declared one, or several (construct the
+                layer with ``group_size=`` to say which).
+        """
         n, k = self.out_features, self.in_features
+        name = type(self).__name__
         if tuple(shape) == (n,):
             return None
-        if len(shape) == 2 and shape[0] == n and shape[1] >= 1:
-            groups = int(shape[1])
-            if groups == 1:
-                return max(16, 1 << max(0, (k - 1).bit_length()))
-            # the only power of two g with ceil(k / g) == groups (if any): group sizes are powers of two
-            # in practice, and an exact divisor is taken when there is one
-            if k % groups == 0:
-                return k // groups
-            g = 1 << max(0, (-(-k // groups) - 1).bit_length())
-            if -(-k // g) == groups:
-                return g
-        raise ValueError(
-            f"{type(self).__name__}: a scale of shape {list(shape)} does not fit a [{n}, {k}] weight "
-            f"(expected [{n}] or [{n}, ceil({k} / group_size)])"
-        )
+        if len(shape) != 2 or shape[0] != n:
+            raise ValueError(
+                f"{name}: a scale of shape {list(shape)} does not fit a [{n}, {k}] weight "
+                f"(expected [{n}] or [{n}, ceil({k} / group_size)])"
+            )
+        try:
+            # getattr: a layer pickled before the attribute existed declared none
+            declared = getattr(self, "_declared_group_size", None)
+            return infer_group_size(
+                k, int(shape[1]), declared, what=f"a scale of shape {list(shape)}",
+                hint="construct the layer with group_size=",
+            )
+        except ValueError as e:
+            raise ValueError(f"{name}: {e} (for a [{n}, {k}] weight)") from None
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -202,6 +234,7 @@ class Int8Linear(nn.Module):
         incoming = state_dict.get(scale_key)
         if isinstance(incoming, torch.Tensor) and incoming.shape != self.scale.shape:
             group_size = self._group_size_for_scale(incoming.shape)
+            check_mode(self.mode, group_size, f"{type(self).__name__}.load_state_dict")
             self.group_size = group_size
             shape = self._scale_shape(group_size)
             self.scale = torch.ones(shape, dtype=torch.float32, device=self.scale.device)

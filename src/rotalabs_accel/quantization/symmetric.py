@@ -10,8 +10,9 @@ one group of ``group_size`` elements, or a whole tensor):
     \qquad v_i \approx q_i\, s
 
 ``q`` is int8 (``-128`` is never used, so the grid is symmetric) and ``s`` fp32. Rounding is to the
-nearest integer, ties to even (``torch.round``). An all-zero slice gets a tiny scale and quantizes to
-zeros (no NaN). The round-trip error of each element is at most ``s / 2``.
+nearest integer, ties to even (``torch.round``). An all-zero (or empty) slice gets a tiny scale and
+quantizes to zeros (no NaN); a slice holding a NaN or an infinity gets a NaN scale (and zeros), so it
+dequantizes to NaN. The round-trip error of each element of a finite slice is at most ``s / 2``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.embedding import TritonEmbedding
-from ..kernels.gemm import _PLAIN_FORWARDS, Int8Linear, keep_scale_fp32
+from ..kernels.gemm import _PLAIN_FORWARDS, Int8Linear, check_mode, keep_scale_fp32
 from ..reference.int8 import (
     dequantize_reference,
     dequantize_weight_reference,
+    infer_group_size,
     quantize_symmetric_reference,
     quantize_weight_reference,
 )
@@ -123,8 +125,11 @@ def dequantize(
         scale: fp32 scales as returned by :func:`quantize_symmetric` with the same ``dim`` and
             ``group_size``.
         dim: the dimension the scales were taken along (``None``: per-tensor scale).
-        group_size: the group size used when quantizing; inferred when ``dim``'s size is a multiple of
-            the number of groups.
+        group_size: the group size used when quantizing. When omitted it is inferred from the number
+            of groups ``G`` along ``dim`` (size ``K``) by
+            :func:`rotalabs_accel.reference.int8.infer_group_size`: the power of two ``g >= 16`` with
+            ``ceil(K / g) == G`` (130 elements in 2 groups: 128), else ``K // G`` when it divides
+            exactly; any other shape raises and needs ``group_size``.
         dtype: floating dtype of the result (the product is formed in fp32 and rounded once).
 
     Returns:
@@ -165,12 +170,10 @@ def dequantize(
         )
     size, groups = q.shape[d], scale.shape[d]
     if group_size is None:
-        if groups == 0 or size % groups:
-            raise ValueError(
-                f"{fn}: cannot infer group_size: dim {dim} has {size} elements and scale has {groups} "
-                "groups; pass group_size"
-            )
-        group_size = size // groups
+        try:
+            group_size = infer_group_size(size, groups, what=f"scale along dim {dim}")
+        except ValueError as e:
+            raise ValueError(f"{fn}: {e}") from None
     expected = list(q.shape)
     expected[d] = -(-size // group_size)
     if list(scale.shape) != expected:
@@ -284,10 +287,15 @@ class QuantizedLinear(Int8Linear):
         Args:
             linear: an ``nn.Linear`` (its weight is read, not modified).
             group_size: per-group scales (e.g. 128) instead of per-channel.
-            mode: ``"auto"``, ``"w8a16"`` or ``"w8a8"``.
+            mode: ``"auto"``, ``"w8a16"`` or ``"w8a8"`` (per-channel scales only).
 
         Returns:
             A new ``QuantizedLinear`` in ``linear``'s training mode.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+            ValueError: a bad ``group_size`` or ``mode``, ``mode="w8a8"`` with a ``group_size``, or a
+                weight with NaN or Inf values.
 
         Example:
             >>> import torch
@@ -789,7 +797,8 @@ def quantize_model(
     at a time: each is quantized on its own device and swapped in before the next is touched, and the
     model keeps no reference to the float layer afterwards, so a model on the GPU never holds the float
     and the int8 copies of more than one layer at once (nor more than ~32 MiB of temporaries). A layer
-    shared by several parents is converted once and stays shared.
+    shared by several parents is converted once and stays shared; two ``nn.Linear`` layers that share
+    one weight ``Parameter`` are not: each gets its own int8 copy (the report says so).
 
     Only modules whose type is exactly ``nn.Linear`` / ``nn.Embedding`` are converted: subclasses may
     carry behavior of their own (``nn.MultiheadAttention``'s ``out_proj`` reads ``.weight`` directly,
@@ -811,7 +820,8 @@ def quantize_model(
             any component of it equals an entry (the default keeps ``lm_head``, often tied to the
             embedding and the most sensitive layer).
         group_size: per-group scales (e.g. 128) instead of per-channel (per row for embeddings).
-        mode: ``"auto"``, ``"w8a16"`` or ``"w8a8"`` for every converted linear layer.
+        mode: ``"auto"``, ``"w8a16"`` or ``"w8a8"`` for every converted linear layer (``"w8a8"``
+            needs per-channel scales: with a ``group_size`` it raises before anything is converted).
         filter_fn: ``filter_fn(module, name) -> bool``; only layers for which it returns ``True``
             are converted.
         embeddings: convert ``nn.Embedding`` layers too (their ``padding_idx`` and dtype are kept;
@@ -836,6 +846,8 @@ def quantize_model(
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     _check_group_size(group_size, fn)
+    # before any layer is converted: a failure at the n-th layer would leave the model half converted
+    check_mode(mode, group_size, fn)
     rep = QuantizationReport()
 
     def done(result: nn.Module):
@@ -935,6 +947,15 @@ def quantize_model(
             detail += (
                 f"; its float weight stays with {', '.join(sorted(set(shared_with)))} (tied), so the int8 "
                 "copy adds memory (embeddings=True shares one int8 table)"
+            )
+        # two nn.Linear modules reading one weight (not one module used twice, which stays shared)
+        tied_linears = sorted(
+            {names[k] for k, p in users.get(weight_of[key], []) if k != key and k in linear_keys}
+        )
+        if tied_linears:
+            detail += (
+                f"; its float weight is shared with {', '.join(tied_linears)}, which gets an int8 copy "
+                "of its own (the tie is not kept: two int8 copies)"
             )
         rep.add(name, "linear", "quantized", detail)
     for name, key in embeds:

@@ -10,8 +10,14 @@ These functions are the CPU fallback and the test oracle of the INT8 kernels (on
 
   ``-128`` is never produced, so ``-q`` never overflows and the grid is symmetric. ``AMAX_FLOOR``
   (2**-64) gives an all-zero slice a tiny positive scale: it quantizes to zeros and dequantizes to
-  exact zeros, with no NaN. Multiplying by ``127 / amax`` (one IEEE division per slice) instead of
-  dividing every element lets the Triton activation quantizer reproduce this bit for bit.
+  exact zeros, with no NaN; an empty slice (size 0) is treated as an all-zero one. A slice holding a
+  NaN or an infinity (``max|v|`` not finite) gets a NaN scale and zeros for ``q``, so it dequantizes
+  (and its W8A8 output row comes out) as NaN rather than as finite garbage. Multiplying by
+  ``127 / amax`` (one IEEE division per slice) instead of dividing every element lets the Triton
+  activation quantizer reproduce this bit for bit.
+* Group size of ``G`` scales over ``K`` elements when it is not given (:func:`infer_group_size`): a
+  power of two ``g >= 16`` with ``ceil(K / g) == G``, else ``K / G`` when it divides exactly (or the
+  only ``g`` that fits), else an error asking for it.
 * W8A16 linear: ``y = x @ (q * s)^T + b`` computed in fp32 (fp64 for fp64 inputs), returned in
   ``x.dtype``.
 * W8A8 dynamic linear: ``x`` is quantized per row (token) as above, the int8 product is exact, and
@@ -21,12 +27,15 @@ These functions are the CPU fallback and the test oracle of the INT8 kernels (on
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "AMAX_FLOOR",
     "INT8_MAX",
     "W8A8_MAX_K",
+    "infer_group_size",
     "quantize_symmetric_reference",
     "dequantize_reference",
     "quantize_weight_reference",
@@ -50,15 +59,101 @@ _CHUNK_BYTES = 16 * 1024**2
 def _quantize_last_dim(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize each row (last dimension) of ``v``: int8 like ``v``, fp32 scales of shape ``v.shape[:-1]``."""
     v = v.float()
-    amax = v.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    if v.shape[-1]:
+        amax = v.abs().amax(dim=-1)  # NaN when the row holds one, as torch.amax propagates NaN
+    else:  # an empty row, as an all-zero one (amax raises on an empty dimension)
+        amax = v.new_zeros(v.shape[:-1])
+    # a row with a NaN or an infinity has no int8 representation: a NaN scale, never a finite one
+    amax = amax.clamp_min(AMAX_FLOOR).where(amax.isfinite(), float("nan"))
     # Tensor / tensor divisions: correctly rounded on every device, as the Triton quantizer's. (With a
     # Python number, ``127 / t`` is computed as ``t.reciprocal() * 127`` and CUDA divides by a scalar
     # through a reciprocal multiply: both can differ in the last bit.)
     int8_max = torch.full_like(amax, INT8_MAX)
     inv = int8_max / amax
-    # in place on the product (a fresh tensor): one fp32 temporary besides v
-    q = (v * inv.unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    # in place on the product (a fresh tensor): one fp32 temporary besides v. Only a NaN-scale row has
+    # NaN products (inv is NaN there); they become 0, as in the Triton quantizer (a NaN has no int8).
+    q = (v * inv.unsqueeze(-1)).round_().clamp_(-INT8_MAX, INT8_MAX).nan_to_num_(0.0).to(torch.int8)
     return q, amax / int8_max
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def infer_group_size(
+    size: int,
+    groups: int,
+    group_size: int | None = None,
+    *,
+    what: str = "scale",
+    hint: str = "pass group_size",
+) -> int:
+    """The group size of ``groups`` scales over ``size`` elements (the one home of the inference rule).
+
+    ``ceil(size / g) == groups`` holds for a range of group sizes ``g`` when the last group is
+    partial (130 elements in 2 groups: any ``g`` from 65 to 129), so the rule picks, in order:
+
+    1. ``group_size`` when given (it must give ``groups`` groups);
+    2. a power of two ``g >= 16`` with ``ceil(size / g) == groups``, the group sizes used in practice
+       (unique for ``groups >= 2``; for ``groups == 1``, where any ``g >= size`` gives the same scales,
+       the smallest power of two ``>= max(size, 16)``; for ``size == 0``, 16);
+    3. ``size // groups`` when it divides exactly (a non-power-of-two group size with full groups),
+       or the only group size that gives ``groups`` groups when there is one;
+    4. otherwise a ``ValueError``: the shape is ambiguous and the caller must say.
+
+    Args:
+        size: the number of elements grouped (``K``, ``in_features``).
+        groups: the number of scales along them (``scale.shape[1]`` of a ``[N, G]`` scale).
+        group_size: the group size the caller declared, or ``None`` to infer it.
+        what: the name of the scale in error messages.
+        hint: what the caller should do when the shape is ambiguous (appended to the message).
+
+    Returns:
+        A positive ``g`` with ``ceil(size / g) == groups``.
+
+    Raises:
+        ValueError: ``group_size`` does not give ``groups`` groups, no group size does, or several do
+            and none is a power of two ``>= 16`` or an exact divisor.
+
+    Example:
+        >>> infer_group_size(130, 2), infer_group_size(300, 3), infer_group_size(96, 2)
+        (128, 128, 64)
+        >>> infer_group_size(96, 4), infer_group_size(100, 1)  # an exact divisor; one group
+        (24, 128)
+        >>> infer_group_size(150, 3), infer_group_size(150, 3, 50)
+        (64, 50)
+    """
+    plural = "s" if groups != 1 else ""
+    if group_size is not None:
+        if -(-size // group_size) != groups:
+            raise ValueError(
+                f"{what} has {groups} group{plural}, but group_size={group_size} over {size} elements "
+                f"gives ceil({size} / {group_size}) = {-(-size // group_size)}"
+            )
+        return group_size
+    if size == 0 and groups == 0:
+        return 16
+    if groups == 1 and size >= 1:
+        return max(16, _next_power_of_two(size))
+    # the integers g with ceil(size / g) == groups: (groups - 1) g < size <= groups g
+    low = -(-size // groups) if groups >= 2 else 0
+    high = (size - 1) // (groups - 1) if groups >= 2 else -1
+    if low > high:
+        raise ValueError(
+            f"{what} has {groups} group{plural}, which no group size gives over {size} elements "
+            f"(ceil({size} / group_size) != {groups} for every group_size)"
+        )
+    # one power of two at most lies in [low, high] (high < 2 low), the smallest one >= low
+    g = _next_power_of_two(low)
+    if 16 <= g <= high:
+        return g
+    if size % groups == 0 or low == high:
+        return low  # size // groups when it divides; else the one group size that fits
+    raise ValueError(
+        f"cannot infer group_size: {groups} groups over {size} elements fit every group size from {low} "
+        f"to {high}, none of them a power of two >= 16 or an exact divisor of {size}; the shape is "
+        f"ambiguous, {hint}"
+    )
 
 
 def quantize_symmetric_reference(
@@ -221,6 +316,7 @@ def w8a8_linear_reference(
     Returns:
         ``[..., N]`` in ``x.dtype``; the gradient with respect to ``x`` is straight-through.
     """
-    k = x.shape[-1]
-    out = _W8A8Reference.apply(x.reshape(-1, k), weight, scale, bias)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    lead = x.shape[:-1]
+    # the explicit row count: reshape(-1, 0) of an empty tensor is ambiguous
+    out = _W8A8Reference.apply(x.reshape(math.prod(lead), x.shape[-1]), weight, scale, bias)
+    return out.reshape(*lead, weight.shape[0])

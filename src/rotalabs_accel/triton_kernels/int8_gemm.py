@@ -600,9 +600,16 @@ def _dequantize_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # The reference (``reference.int8.quantize_symmetric_reference``) computes, per row:
-# amax = max(max|x|, AMAX_FLOOR), scale = amax / 127, q = clamp(round_half_even(x * (127 / amax))).
+# amax = max(max|x|, AMAX_FLOOR), scale = amax / 127, q = clamp(round_half_even(x * (127 / amax))),
+# and for a row whose max|x| is not finite (a NaN or an infinity in it) scale = NaN and q = 0.
 # The kernel performs the same IEEE operations in the same order, so its output is bit-identical.
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
+
+
+@triton.jit
+def _max_propagate_nan(a, b):
+    # tl.max / tl.maximum default to maxnum, which drops a NaN: a NaN row would get a finite scale
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -628,26 +635,30 @@ def _quantize_rows_kernel(
     offs = tl.arange(0, BLOCK_K)
     if ONE_PASS:
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        amax = tl.reduce(tl.abs(x), 0, _max_propagate_nan)
     else:
         amax_wide = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax_wide = tl.maximum(amax_wide, tl.abs(xk))
-        amax = tl.max(amax_wide, axis=0)
-    amax = tl.maximum(amax, _AMAX_FLOOR)  # a zero row gets a tiny scale and quantizes to 0, no NaN
+            amax_wide = _max_propagate_nan(amax_wide, tl.abs(xk))
+        amax = tl.reduce(amax_wide, 0, _max_propagate_nan)
+    # false for NaN and +inf: such a row has no int8 representation and gets a NaN scale (and q = 0),
+    # so its output is NaN, as the reference's
+    finite = amax < float("inf")
+    # a zero row gets a tiny scale and quantizes to 0, no NaN
+    amax = tl.where(finite, tl.maximum(amax, _AMAX_FLOOR), float("nan"))
     # IEEE divisions (as torch's), once per row; the per-element work is one multiply
     inv = tl.math.div_rn(127.0, amax)
     tl.store(s_ptr + row, tl.math.div_rn(amax, 127.0))
     if ONE_PASS:
         q = tl.minimum(tl.maximum(_round_half_even(x * inv), -127.0), 127.0)
-        tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
+        tl.store(q_row + offs, tl.where(finite, q, 0.0).to(tl.int8), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             # the second read of the row hits L2: one program's row is at most a few tens of KB
             xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             q = tl.minimum(tl.maximum(_round_half_even(xk * inv), -127.0), 127.0)
-            tl.store(q_row + k0 + offs, q.to(tl.int8), mask=k0 + offs < K)
+            tl.store(q_row + k0 + offs, tl.where(finite, q, 0.0).to(tl.int8), mask=k0 + offs < K)
 
 
 @triton.jit
@@ -1093,7 +1104,8 @@ def w8a16_gemv_group(
 def quantize_rows(x: torch.Tensor, config: QuantConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of ``x[M, K]``: int8 ``[M, K]`` and fp32 scales ``[M]``.
 
-    Bit-identical to ``reference.int8.quantize_symmetric_reference(x, dim=-1)``.
+    Bit-identical to ``reference.int8.quantize_symmetric_reference(x, dim=-1)``, including a row that
+    holds a NaN or an infinity: NaN scale, zeros in ``q`` (so the W8A8 output row is NaN).
     """
     m, k = x.shape
     q = x.new_empty((m, k), dtype=torch.int8)
