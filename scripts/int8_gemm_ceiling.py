@@ -46,8 +46,11 @@ TILES = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128,
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INT8: tl.constexpr, TMA: tl.constexpr):
-    # y[M, N] = x[M, K] @ w[N, K]^T (times s[N] when the weight is int8); shapes divide the tiles
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INT8: tl.constexpr, TMA: tl.constexpr,
+                 SWAP: tl.constexpr):
+    # y[M, N] = x[M, K] @ w[N, K]^T (times s[N] when the weight is int8); shapes divide the tiles.
+    # SWAP: compute y^T = w @ x^T, the (converted) weight as the MMA's first operand, which Hopper's
+    # wgmma can take from registers, so the converted tile need not go back to shared memory.
     pid = tl.program_id(0)
     num_m, num_n = M // BLOCK_M, N // BLOCK_N
     group = GROUP_M * num_n
@@ -61,7 +64,10 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLO
     if not TMA:
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if TMA:
             x = x_ptr.load([pid_m * BLOCK_M, k0])
@@ -73,14 +79,29 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLO
             w_ptrs += BLOCK_K
         if INT8:
             w = w.to(x.dtype)  # exact: every int8 value is a bf16 / fp16 value
-        acc = tl.dot(x, tl.trans(w), acc)
-    if INT8:
-        acc = acc * tl.load(s_ptr + offs_n)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if SWAP:
+        if INT8:
+            acc = acc * tl.load(s_ptr + offs_n)[:, None]
+        y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    else:
+        if INT8:
+            acc = acc * tl.load(s_ptr + offs_n)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty))
 
 
-def minimal_gemm(x, w, s, y, tile, tma):
+def _variants(which: str):
+    """``(tile, tma, swap)`` triples to time."""
+    if which == "all":
+        return [(tile, tma, False) for tile in TILES for tma in (False, True)]
+    return [(tile, True, swap) for tile in TILES for swap in (False, True)]
+
+
+def minimal_gemm(x, w, s, y, tile, tma, swap=False):
     bm, bn, bk, warps, stages = tile
     m, k = x.shape
     n = w.shape[0]
@@ -93,7 +114,7 @@ def minimal_gemm(x, w, s, y, tile, tma):
         xa, wa = x, w
     grid = ((m // bm) * (n // bn),)
     _gemm_kernel[grid](xa, wa, s, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                       INT8=w.dtype == torch.int8, TMA=tma, num_warps=warps, num_stages=stages)
+                       INT8=w.dtype == torch.int8, TMA=tma, SWAP=swap, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -109,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--m", type=int, default=4096)
+    parser.add_argument("--variants", choices=("all", "swap"), default="all",
+                        help="all: every tile with pointer loads and TMA, unswapped; swap: TMA tiles only, "
+                             "the int8 weight also as the first (register) operand")
     args = parser.parse_args()
     torch.manual_seed(0)
     m = args.m
@@ -132,13 +156,15 @@ def main() -> None:
         rows.append(("library_w8a16_gemm", str(cfg), lib, rel_err(out, ref)))
         y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         for weight, tag in ((wb, "triton_bf16"), (q, "triton_w8a16")):
-            for tile in TILES:
-                for tma in (False, True):
-                    name = f"{tag}{'_tma' if tma else ''}"
+            for tile, tma, swap in _variants(args.variants):
+                if weight is wb and swap:
+                    continue
+                name = f"{tag}{'_tma' if tma else ''}{'_swap' if swap else ''}"
+                if True:
                     try:
-                        minimal_gemm(x, weight, s, y, tile, tma)
+                        minimal_gemm(x, weight, s, y, tile, tma, swap)
                         err = rel_err(y, ref)
-                        ms = bench(lambda: minimal_gemm(x, weight, s, y, tile, tma))  # noqa: B023
+                        ms = bench(lambda: minimal_gemm(x, weight, s, y, tile, tma, swap))  # noqa: B023
                     except Exception as exc:  # a tile that does not fit shared memory, say
                         print(f"  {n}x{k} {name} {tile}: {type(exc).__name__}: {str(exc)[:120]}")
                         continue
