@@ -140,7 +140,7 @@ def main() -> None:
     records = []
     env = environment()
     print(f"# {env.get('gpu')} · torch {torch.__version__} · Triton {triton.__version__} · {env.get('date')}")
-    print("# command: PYTHONPATH=src python scripts/int8_gemm_ceiling.py --out <dir>")
+    print("# command: PYTHONPATH=src python scripts/int8_gemm_ceiling.py " + " ".join(sys.argv[1:]))
     for n, k in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         q = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
