@@ -207,6 +207,24 @@ def test_column_strided_logits_and_int32_targets(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_narrow_and_unsigned_target_dtypes_forward_and_backward(device, target_dtype):
+    # uint8 targets failed to compile in the backward (an unsigned target against a -1)
+    logits = randn(6, 33, device=device).requires_grad_()
+    target = torch.tensor([3, 1, 32, 4, 0, 7], device=device)
+    ignore = 7
+    with rotalabs_accel.use_backend("triton"):
+        loss = cross_entropy(logits, target.to(target_dtype), ignore_index=ignore, label_smoothing=0.1)
+        (grad,) = torch.autograd.grad(loss, logits)
+    l64 = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(l64, target, ignore_index=ignore, label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref, l64)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+    assert grad[5].abs().max() == 0  # the ignored row
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_row_ignored(device, reduction):
     """The mean over no row is nan (as PyTorch); the gradient is zero everywhere, the logits unread."""

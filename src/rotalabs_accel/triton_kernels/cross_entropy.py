@@ -131,6 +131,8 @@ def _cross_entropy_backward_kernel(
         if Z_LOSS:
             p_scale = scale * (1.0 + 2.0 * z_loss * lse)
         # 32-bit column compare; an out-of-range target (its loss is nan) matches no column
+        # (widened first: an unsigned target, uint8 say, cannot meet the -1)
+        target = target.to(tl.int64)
         target_col = tl.where((target >= 0) & (target < n_cols), target, -1).to(tl.int32)
         on_target = scale
         if SMOOTHING:
