@@ -529,3 +529,27 @@ def test_exports():
 
     assert module.apply_rope is apply_rope and module.build_rope_cache is build_rope_cache
     assert math.isclose(RotaryEmbedding(8, scaling={"rope_theta": 123.0}).base, 123.0)
+
+
+def test_module_compiled_with_position_ids_uses_the_cache_or_says_why():
+    q, k = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 1, 8)
+    pos = torch.arange(20)[None]
+    plain = RotaryEmbedding(8, max_seq_len=64)
+    eager = plain(q, k, position_ids=pos)
+    compiled = torch.compile(RotaryEmbedding(8, max_seq_len=64), fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, position_ids=pos), eager):
+        torch.testing.assert_close(got, want)
+    scaling = {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 8}
+    dynamic = RotaryEmbedding(8, max_seq_len=64, scaling=scaling)
+    with pytest.raises(Exception, match="dynamic scaling with position_ids needs seq_len"):
+        torch.compile(dynamic, fullgraph=True, backend="aot_eager")(q, k, position_ids=pos)
+    eager = RotaryEmbedding(8, max_seq_len=64, scaling=scaling)(q, k, position_ids=pos)
+    with_len = torch.compile(RotaryEmbedding(8, max_seq_len=64, scaling=scaling), fullgraph=True,
+                             backend="aot_eager")(q, k, 20, position_ids=pos)
+    for got, want in zip(with_len, eager):
+        torch.testing.assert_close(got, want)
+
+
+def test_module_position_ids_must_be_a_tensor():
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor, got list"):
+        RotaryEmbedding(8)(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8), position_ids=[0, 1, 2])

@@ -267,3 +267,15 @@ def test_vocabulary_sized_table_on_cuda():
     ids = torch.randint(0, 32000, (2, 4096), device="cuda")
     ids[0, :500] = 13  # a frequent token
     _check(ids, table)
+
+
+def test_from_pretrained_as_nn_embedding():
+    table = torch.randn(10, 4)
+    frozen = TritonEmbedding.from_pretrained(table, padding_idx=1)
+    assert type(frozen) is TritonEmbedding and not frozen.weight.requires_grad
+    assert torch.equal(frozen.weight, table) and frozen.padding_idx == 1
+    ids = torch.tensor([[0, 1, 9]])
+    torch.testing.assert_close(frozen(ids), torch.nn.Embedding.from_pretrained(table, padding_idx=1)(ids))
+    assert TritonEmbedding.from_pretrained(table, freeze=False).weight.requires_grad
+    with pytest.raises(ValueError, match="TritonEmbedding"):
+        TritonEmbedding.from_pretrained(table, max_norm=1.0)

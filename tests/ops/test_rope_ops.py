@@ -263,6 +263,39 @@ def test_opcheck_custom_ops(kernel_device, with_pos):
     torch.library.opcheck(ops.rope_inplace_, (q, k, *args[2:]))
 
 
+def test_custom_ops_take_any_last_dimension_stride(kernel_device):
+    # rope_fwd is also the gradient of rope_bwd, whose incoming gradients may be strided
+    from rotalabs_accel.ops import rope as ops
+
+    cos, sin = build_rope_cache(8, 8, device=kernel_device)
+    q = torch.randn(2, 3, 8, 4, device=kernel_device).transpose(-1, -2)  # (2, 3, 4, 8), stride(-1) = 4
+    k = torch.randn(2, 3, 1, 8, device=kernel_device)
+    q_rot, k_rot = ops.rope_fwd(q, k, cos, sin, None, 2, False, 8)
+    q_ref, k_ref = ref.apply_rope(q.double(), k.double(), cos.double(), sin.double(), offset=2)
+    torch.testing.assert_close(q_rot.double(), q_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_rot.double(), k_ref, rtol=1e-5, atol=1e-6)
+    qg = torch.randn(2, 3, 4, 8, device=kernel_device, requires_grad=True)
+    kg = k.detach().requires_grad_()
+    torch.library.opcheck(ops.rope_bwd, (qg, kg, cos, sin, None, 2, False, 8))
+    with pytest.raises(ValueError, match="rope_inplace_: q must have unit stride"):
+        ops.rope_inplace_(q, k.clone(), cos, sin, None, 2, False, 8)
+
+
+def test_reference_bhsd_results_are_laid_out_as_bhsd():
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 1, 4, 8)
+    cos, sin = build_rope_cache(8, 8)
+    with rotalabs_accel.use_backend("torch"):
+        q_rot, k_rot = apply_rope(q, k, cos, sin, layout="bhsd")
+    assert q_rot.is_contiguous() and k_rot.is_contiguous()
+
+
+def test_interleaved_must_be_a_bool():
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    cos, sin = build_rope_cache(8, 8)
+    with pytest.raises(TypeError, match="interleaved must be a bool, got 'no'"):
+        apply_rope(q, k, cos, sin, interleaved="no")
+
+
 @pytest.mark.compile
 def test_torch_compile_fullgraph_forward_backward(kernel_device):
     q0, k0 = make_qk(2, 3, 2, 1, 8, torch.float32, kernel_device, "bhsd", fused=True)

@@ -338,6 +338,8 @@ def apply_rope(
         >>> q_rot.shape, k_rot.shape
         (torch.Size([2, 16, 4, 8]), torch.Size([2, 16, 2, 8]))
     """
+    if interleaved is not True and interleaved is not False:
+        raise TypeError(f"apply_rope: interleaved must be a bool, got {interleaved!r}")
     if not torch.compiler.is_compiling():
         fast_rotary_dim = _fast_rotary_dim(q, k, cos, sin, position_ids, offset, layout, rotary_dim, inplace)
         # The fast check proved every tensor is on q's device, so q alone decides the backend.

@@ -45,11 +45,15 @@ class TritonEmbedding(nn.Embedding):
         sparse: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        _weight: torch.Tensor | None = None,
+        _freeze: bool = False,
     ) -> None:
         unsupported = _unsupported(max_norm, scale_grad_by_freq, sparse)
         if unsupported:
             raise ValueError(f"TritonEmbedding: {unsupported}")
-        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        # _weight / _freeze: what nn.Embedding.from_pretrained passes (as nn.Embedding takes them)
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype,
+                         _weight=_weight, _freeze=_freeze)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return embedding(input, self.weight, self.padding_idx)

@@ -175,7 +175,10 @@ class RotaryEmbedding(nn.Module):
                 Default: ``offset + seq``, or ``max(position_ids) + 1`` when ``position_ids`` is
                 given (on a GPU that read costs a device sync; pass ``seq_len`` in decode loops to
                 avoid it). For ``dynamic`` scaling it is the sequence length the frequencies are
-                computed for, as in Hugging Face.
+                computed for, as in Hugging Face. Under ``torch.compile`` with ``position_ids`` and
+                no ``seq_len`` the cache is used as it is (``max_seq_len`` rows, or more once an
+                eager call grew it): positions must lie below its length, and ``dynamic`` scaling
+                raises there (pass ``seq_len``).
             position_ids: integer positions ``(batch, seq)``, ``(1, seq)`` or ``(seq,)``.
             offset: first position when ``position_ids`` is ``None`` (KV-cache decoding).
             inplace: write into ``q`` and ``k`` (opt-in).
@@ -202,14 +205,31 @@ class RotaryEmbedding(nn.Module):
                     f"RotaryEmbedding: seq_len={seq_len} is shorter than offset + seq = {offset + seq}"
                 )
             needed = seq_len
+        elif position_ids is not None and not isinstance(position_ids, torch.Tensor):
+            raise TypeError(
+                f"RotaryEmbedding: position_ids must be an integer tensor, got {type(position_ids).__name__}"
+            )
         elif position_ids is not None and position_ids.numel() > 0:
-            # reading the largest position is a host sync (and a graph break under torch.compile,
-            # where the cache is used as it is)
-            needed = 0 if torch.compiler.is_compiling() else int(position_ids.max()) + 1
+            if torch.compiler.is_compiling():
+                # the largest position cannot be read while tracing: the cache is used as it is
+                # (positions must lie below its length), and dynamic frequencies, which depend on it,
+                # need seq_len
+                if self.rope_type == "dynamic":
+                    raise ValueError(
+                        "RotaryEmbedding: under torch.compile, dynamic scaling with position_ids needs "
+                        "seq_len= (the frequencies depend on the largest position, which is not read "
+                        "while tracing)"
+                    )
+                needed = None
+            else:  # reading the largest position is a host sync
+                needed = int(position_ids.max()) + 1
         else:
             needed = offset + seq
         cache = self.cos_cached
-        if (
+        if needed is None:
+            if cache.device != q.device or cache.dtype != torch.float32:
+                self._update_cache(max(cache.shape[0], 1), q.device)
+        elif (
             needed > cache.shape[0]
             or self.rope_type == "dynamic"
             or cache.device != q.device

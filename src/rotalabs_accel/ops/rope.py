@@ -128,7 +128,9 @@ def rope_fwd(
     rotary_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` and ``k`` by the angles of their positions (out of place)."""
-    return _launch(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim)
+    # also the gradient of rope_bwd, whose incoming gradients may have any strides
+    return _launch(_unit_last_stride(q), _unit_last_stride(k), cos, sin, position_ids, offset, interleaved,
+                   rotary_dim)
 
 
 @torch.library.custom_op("rotalabs_accel::rope_bwd", mutates_args=())
@@ -168,6 +170,10 @@ def rope_inplace_(
     rotary_dim: int,
 ) -> None:
     """Rotate ``q`` and ``k`` in place (no autograd formula)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"rope_inplace_: {name} must have unit stride along its last dimension to be "
+                             f"rotated in place, got strides {tuple(t.stride())}")
     _launch(q, k, cos, sin, position_ids, offset, interleaved, rotary_dim, inplace=True)
 
 

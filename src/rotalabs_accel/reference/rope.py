@@ -342,5 +342,6 @@ def apply_rope(
     q_rot = _rotate(q.to(compute), c, s, rotary_dim, interleaved).to(q.dtype)
     k_rot = _rotate(k.to(compute), c, s, rotary_dim, interleaved).to(k.dtype)
     if layout == "bhsd":
-        q_rot, k_rot = q_rot.transpose(1, 2), k_rot.transpose(1, 2)
+        # back to (batch, heads, seq, dim), laid out as such (as the kernel's results are)
+        q_rot, k_rot = q_rot.transpose(1, 2).contiguous(), k_rot.transpose(1, 2).contiguous()
     return q_rot, k_rot
