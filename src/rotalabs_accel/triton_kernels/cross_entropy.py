@@ -131,9 +131,10 @@ def _cross_entropy_backward_kernel(
         if Z_LOSS:
             p_scale = scale * (1.0 + 2.0 * z_loss * lse)
         # 32-bit column compare; an out-of-range target (its loss is nan) matches no column
-        # (widened first: an unsigned target, uint8 say, cannot meet the -1)
-        target = target.to(tl.int64)
-        target_col = tl.where((target >= 0) & (target < n_cols), target, -1).to(tl.int32)
+        # (widened first, under a new name, as a branch may not retype a variable: an unsigned
+        # target, uint8 say, cannot meet the -1)
+        wide_target = target.to(tl.int64)
+        target_col = tl.where((wide_target >= 0) & (wide_target < n_cols), wide_target, -1).to(tl.int32)
         on_target = scale
         if SMOOTHING:
             on_target = scale * (1.0 - label_smoothing)
