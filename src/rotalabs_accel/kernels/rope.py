@@ -220,16 +220,13 @@ class RotaryEmbedding(nn.Module):
                         "seq_len= (the frequencies depend on the largest position, which is not read "
                         "while tracing)"
                     )
-                needed = None
+                needed = self.cos_cached.shape[0]
             else:  # reading the largest position is a host sync
                 needed = int(position_ids.max()) + 1
         else:
             needed = offset + seq
         cache = self.cos_cached
-        if needed is None:
-            if cache.device != q.device or cache.dtype != torch.float32:
-                self._update_cache(max(cache.shape[0], 1), q.device)
-        elif (
+        if (
             needed > cache.shape[0]
             or self.rope_type == "dynamic"
             or cache.device != q.device
