@@ -5,6 +5,9 @@ percent apart can trade places between runs. This alternates the candidates for 
 one process and reports each one's median over the rounds (each round itself a ``do_bench`` median).
 
     python scripts/rmsnorm_ab.py --shape 4096x4096 --rounds 7
+
+Where ``liger_kernel`` is importable, Liger-Kernel's ``LigerRMSNorm`` joins the rounds, and a
+``torch.Tensor.copy_`` of the same bytes (read x, write y) gives the machine's ceiling at this size.
 """
 
 from __future__ import annotations
@@ -34,10 +37,22 @@ def main() -> None:
         "one row per program, 8 warps": RMSNormConfig("tile", triton.next_power_of_2(n), 8),
         "persistent 2 rows, 4/SM, prefetch": RMSNormConfig("tile", triton.next_power_of_2(n), 8, 2, 4, True),
         "persistent 1 row, 4/SM, prefetch": RMSNormConfig("tile", triton.next_power_of_2(n), 8, 1, 4, True),
+        "one row per program, 4 warps": RMSNormConfig("tile", triton.next_power_of_2(n), 4),
+        "one row per program, 16 warps": RMSNormConfig("tile", triton.next_power_of_2(n), 16),
     }
     fns = {name: (lambda cfg=cfg: k.rmsnorm_forward(x, w, 1e-6, 0.0, "llama", config=cfg))
            for name, cfg in candidates.items()}
     fns["public rotalabs_accel.rmsnorm (table pick)"] = lambda: ra.rmsnorm(x, w)
+    y = torch.empty_like(x)
+    fns["copy of the same bytes (x -> y)"] = lambda: y.copy_(x)
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except ImportError:
+        print("liger_kernel not importable: Liger-Kernel left out")
+    else:
+        liger = LigerRMSNorm(n, eps=1e-6).to("cuda", torch.bfloat16)
+        liger.weight.data.copy_(w)
+        fns["Liger-Kernel LigerRMSNorm"] = lambda: liger(x)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
         for name, fn in fns.items():
