@@ -160,15 +160,14 @@ def main() -> None:
                 if weight is wb and swap:
                     continue
                 name = f"{tag}{'_tma' if tma else ''}{'_swap' if swap else ''}"
-                if True:
-                    try:
-                        minimal_gemm(x, weight, s, y, tile, tma, swap)
-                        err = rel_err(y, ref)
-                        ms = bench(lambda: minimal_gemm(x, weight, s, y, tile, tma, swap))  # noqa: B023
-                    except Exception as exc:  # a tile that does not fit shared memory, say
-                        print(f"  {n}x{k} {name} {tile}: {type(exc).__name__}: {str(exc)[:120]}")
-                        continue
-                    rows.append((name, str(tile), ms, err))
+                try:
+                    minimal_gemm(x, weight, s, y, tile, tma, swap)
+                    err = rel_err(y, ref)
+                    ms = bench(lambda: minimal_gemm(x, weight, s, y, tile, tma, swap))  # noqa: B023
+                except Exception as exc:  # a tile that does not fit shared memory, say
+                    print(f"  {n}x{k} {name} {tile}: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                rows.append((name, str(tile), ms, err))
         print(f"== M={m} N={n} K={k}: cuBLAS {base * 1e3:.1f} us ({flops / base / 1e9:.0f} TFLOP/s)")
         best = {}
         for name, tile, ms, err in rows:
