@@ -53,6 +53,16 @@ def _common_call(x, weight, offset: float, casting_mode: str) -> bool:
             and weight.is_cpu == x.is_cpu)
 
 
+def _common_residual_call(x, residual, weight, offset: float, casting_mode: str) -> bool:
+    """:func:`_common_call` for ``rmsnorm_residual_fused``: also a plain ``residual`` tensor of
+    ``x``'s dtype, shape and device."""
+    if type(residual) is not _Tensor or not _common_call(x, weight, offset, casting_mode):
+        return False
+    return (residual.dtype == x.dtype and residual.shape == x.shape
+            and residual.get_device() == x.get_device() and residual.is_cuda == x.is_cuda
+            and residual.is_cpu == x.is_cpu)
+
+
 def _validate(
     op: str,
     x: torch.Tensor,
@@ -222,14 +232,18 @@ def rmsnorm_residual_fused(
         >>> normed.shape, residual.shape
         (torch.Size([2, 8, 64]), torch.Size([2, 8, 64]))
     """
-    _check_tensor("rmsnorm_residual_fused", "residual", residual)
-    _validate("rmsnorm_residual_fused", x, weight, residual, offset, casting_mode)
-    eps = _resolve_eps(eps, torch.promote_types(x.dtype, residual.dtype))
-    offset = float(offset)
-    backend = select_backend(
-        "rmsnorm_residual_fused", x, residual, weight, kernel_reason=_kernel_reason(x, residual, weight)
-    )
-    if backend == "torch":
+    if _common_residual_call(x, residual, weight, offset, casting_mode):
+        # x, residual and weight are checked to share one device: x alone tells select_backend
+        tensors, reason = (x,), None
+    else:
+        _check_tensor("rmsnorm_residual_fused", "residual", residual)
+        _validate("rmsnorm_residual_fused", x, weight, residual, offset, casting_mode)
+        tensors, reason = (x, residual, weight), _kernel_reason(x, residual, weight)
+    if eps is None or type(eps) is not float:
+        eps = _resolve_eps(eps, torch.promote_types(x.dtype, residual.dtype))
+    if type(offset) is not float:
+        offset = float(offset)
+    if select_backend("rmsnorm_residual_fused", *tensors, kernel_reason=reason) == "torch":
         return add_rmsnorm_reference(x, residual, weight, eps, offset=offset, casting_mode=casting_mode)
     x2, r2 = _rows(x), _rows(residual)
     if torch.compiler.is_compiling():

@@ -186,7 +186,10 @@ def add_rmsnorm_rows(
     casting_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager fused ``x + residual`` then RMSNorm of 2-D tensors; returns ``(normed, new_residual)``."""
-    out_dtype = _out_dtype(torch.promote_types(x.dtype, residual.dtype), weight, casting_mode)
+    x_dtype = x.dtype
+    if residual.dtype != x_dtype:
+        x_dtype = torch.promote_types(x_dtype, residual.dtype)
+    out_dtype = _out_dtype(x_dtype, weight, casting_mode)
     if _needs_grad(x, weight, residual):
         return _add_rmsnorm_apply(x, residual, weight, (eps, offset, casting_mode, out_dtype))
     y, new_residual, _ = _kernel_module().rmsnorm_forward(
