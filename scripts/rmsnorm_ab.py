@@ -8,6 +8,8 @@ one process and reports each one's median over the rounds (each round itself a `
 
 Where ``liger_kernel`` is importable, Liger-Kernel's ``LigerRMSNorm`` joins the rounds, and a
 ``torch.Tensor.copy_`` of the same bytes (read x, write y) gives the machine's ceiling at this size.
+``torch.compile`` of the Hugging Face-style eager norm (the benchmark's ``compile`` peer) joins too; run
+with ``TORCH_LOGS=output_code`` to see the kernel it generates.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ import triton.testing
 import rotalabs_accel as ra
 from rotalabs_accel.triton_kernels import rmsnorm as k
 from rotalabs_accel.triton_kernels.rmsnorm import RMSNormConfig
+
+
+def _eager_hf(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Hugging Face ``LlamaRMSNorm.forward``: normalize in fp32, cast, multiply by the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return w * h.to(x.dtype)
 
 
 def main() -> None:
@@ -53,6 +62,8 @@ def main() -> None:
         liger = LigerRMSNorm(n, eps=1e-6).to("cuda", torch.bfloat16)
         liger.weight.data.copy_(w)
         fns["Liger-Kernel LigerRMSNorm"] = lambda: liger(x)
+    compiled = torch.compile(_eager_hf, dynamic=False)
+    fns["torch.compile of the eager HF norm"] = lambda: compiled(x, w)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
         for name, fn in fns.items():
