@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton.testing
 
-import rotalabs_accel as ra
-from rotalabs_accel.triton_kernels import rmsnorm as k
-from rotalabs_accel.triton_kernels.rmsnorm import RMSNormConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-
-def _eager_hf(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Hugging Face ``LlamaRMSNorm.forward``: normalize in fp32, cast, multiply by the weight."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return w * h.to(x.dtype)
+import rotalabs_accel as ra  # noqa: E402
+from bench_rmsnorm import eager_hf  # noqa: E402  (the benchmark's compile peer, compiled the same way)
+from rotalabs_accel.triton_kernels import rmsnorm as k  # noqa: E402
+from rotalabs_accel.triton_kernels.rmsnorm import RMSNormConfig  # noqa: E402
 
 
 def main() -> None:
@@ -62,7 +60,7 @@ def main() -> None:
         liger = LigerRMSNorm(n, eps=1e-6).to("cuda", torch.bfloat16)
         liger.weight.data.copy_(w)
         fns["Liger-Kernel LigerRMSNorm"] = lambda: liger(x)
-    compiled = torch.compile(_eager_hf, dynamic=False)
+    compiled = torch.compile(eager_hf, dynamic=False)
     fns["torch.compile of the eager HF norm"] = lambda: compiled(x, w)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):

@@ -48,9 +48,12 @@ def _common_call(x, weight, offset: float, casting_mode: str) -> bool:
     w_shape = weight.shape
     if len(w_shape) != 1 or w_shape[0] != shape[-1]:
         return False
+    return _same_device(weight, x)
+
+
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
     # get_device is -1 for both CPU and meta tensors: is_cuda / is_cpu tell those apart
-    return (weight.get_device() == x.get_device() and weight.is_cuda == x.is_cuda
-            and weight.is_cpu == x.is_cpu)
+    return a.get_device() == b.get_device() and a.is_cuda == b.is_cuda and a.is_cpu == b.is_cpu
 
 
 def _common_residual_call(x, residual, weight, offset: float, casting_mode: str) -> bool:
@@ -58,9 +61,7 @@ def _common_residual_call(x, residual, weight, offset: float, casting_mode: str)
     ``x``'s dtype, shape and device."""
     if type(residual) is not _Tensor or not _common_call(x, weight, offset, casting_mode):
         return False
-    return (residual.dtype == x.dtype and residual.shape == x.shape
-            and residual.get_device() == x.get_device() and residual.is_cuda == x.is_cuda
-            and residual.is_cpu == x.is_cpu)
+    return residual.dtype == x.dtype and residual.shape == x.shape and _same_device(residual, x)
 
 
 def _validate(
