@@ -145,7 +145,9 @@ FWD_TILE_TABLE: dict[int, tuple[tuple[int, int, int, int, int, bool], ...]] = {
         (2048, 0, 2, 4, 0, False),
         # up to 4096 rows (a grid of one or two waves, where the tail shows): persistent programs of
         # two rows with the next tile's loads in flight; 2,402 vs 2,348 GB/s at 4096x4096
-        # (benchmarks/results/sweeps/rmsnorm-sweep-tiles-h100-80gb-hbm3-2026-11-25)
+        # (benchmarks/results/sweeps/rmsnorm-sweep-tiles-h100-80gb-hbm3-2026-11-25); in 7 alternating
+        # rounds 2,675 GB/s against 2,583 for one row per program on 8 warps, torch.compile's kernel
+        # 2,383 and a copy of the same bytes 2,651 (logs/rmsnorm_ab-h100-2026-12-07-1fa236b.txt)
         (4096, 4096, 2, 8, 4, True),
         (4096, 0, 1, 8, 0, False),
         (8192, 0, 1, 16, 0, False),
