@@ -27,7 +27,10 @@ from torch.autograd import forward_ad as _forward_ad
 
 from .utils import environ_get, is_triton_available, is_triton_interpreter
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select_backend", "check_same_device"]
+__all__ = [
+    "BACKENDS", "get_backend", "set_backend", "use_backend", "select_backend", "kernels_unobstructed",
+    "check_same_device",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "ROTALABS_ACCEL_BACKEND"
@@ -112,6 +115,34 @@ def transform_reason() -> str | None:
     if dual:
         return "forward-mode AD (torch.autograd.forward_ad.dual_level) is active"
     return "a torch.func transform (vmap, grad, jacrev, ...) is active"
+
+
+def kernels_unobstructed(on_cpu: bool = False) -> bool:
+    """Whether nothing outside an op's own arguments keeps a call from its kernel, as
+    :func:`select_backend` decides it for tensors that a kernel serves: the requested backend allows
+    Triton, Triton imports, and no ``torch.func`` transform or forward-mode AD is active. CUDA
+    tensors (``on_cpu=False``): backend ``triton``, or ``auto`` with Triton's interpreter off. CPU
+    tensors: backend ``triton`` under the interpreter.
+
+    For the ops' repeat paths, which already know their arguments qualify and are not being traced by
+    ``torch.compile`` (the caller checks): where this is true, :func:`select_backend` answers
+    ``"triton"`` for those arguments without raising.
+
+    Example:
+        >>> from rotalabs_accel import use_backend
+        >>> with use_backend("torch"):
+        ...     kernels_unobstructed()
+        False
+    """
+    requested = _override if _override is not None else get_backend()
+    if requested == "torch" or not is_triton_available():
+        return False
+    if on_cpu:
+        if requested != "triton" or not is_triton_interpreter():
+            return False
+    elif requested == "auto" and is_triton_interpreter():
+        return False
+    return transform_reason() is None
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:

@@ -42,6 +42,7 @@ from helpers import (
     rel_err,
 )
 from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused
+from rotalabs_accel.functional import normalization
 from rotalabs_accel.functional.normalization import _rows
 from rotalabs_accel.reference.rmsnorm import add_rmsnorm_reference, rmsnorm_output_dtype, rmsnorm_reference
 
@@ -518,6 +519,206 @@ def test_float64_has_no_kernel():
 def test_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# The repeat path: an inference call of a layout that ran the kernel before skips the full checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repeat_table(monkeypatch):
+    """``functional.normalization._REPEAT``, emptied for the test (and restored after it)."""
+    monkeypatch.setattr(normalization, "_REPEAT", {})
+    return normalization._REPEAT
+
+
+def _full_path_only(monkeypatch):
+    """Make the repeat path unavailable: every call takes the full checks."""
+    monkeypatch.setattr(normalization, "_repeat_call", lambda *args: None)
+
+
+def _poison(table):
+    """Make every remembered layout's launch fail, so a call that takes the repeat path says so."""
+    for key, (device, plan, _, eps_none) in list(table.items()):
+        def refuse(*args):
+            raise AssertionError("the repeat path was taken")
+
+        table[key] = (device, plan, refuse, eps_none)
+
+
+REPEAT_LAYOUTS = {
+    # name: (x's shape, row padding (a row-strided slice of a wider tensor), weight?, eps)
+    "2-D": ((5, 48), 0, True, EPS),
+    "3-D contiguous": ((2, 3, 40), 0, True, EPS),
+    "2-D row-strided": ((4, 40), 24, True, EPS),
+    "1-D": ((40,), 0, True, EPS),
+    "no weight": ((3, 64), 0, False, EPS),
+    "eps=None": ((3, 32), 0, True, None),
+}
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", ["llama", "gemma", "none"])
+@pytest.mark.parametrize("layout", list(REPEAT_LAYOUTS))
+def test_repeat_path_gives_the_full_paths_bits(device, dtype, mode, layout, repeat_table, monkeypatch):
+    shape, pad, use_weight, eps = REPEAT_LAYOUTS[layout]
+    n = shape[-1]
+    offset = 0.5 if use_weight and mode == "gemma" else 0.0
+
+    def fresh():
+        x = randn(*shape[:-1], n + pad, dtype=dtype, device=device)[..., :n]
+        w = (randn(n, device=device) * 0.5 + 1.0).to(dtype) if use_weight else None
+        return x, w
+
+    with rotalabs_accel.use_backend("triton"), torch.no_grad():
+        rmsnorm(*fresh(), eps, offset=offset, casting_mode=mode)
+        assert len(repeat_table) == 1, "an inference call of this layout should be remembered"
+        x, w = fresh()
+        with pytest.MonkeyPatch.context() as patch:  # the repeat path must not need the full checks
+            patch.setattr(normalization, "_validate", None)
+            patch.setattr(normalization, "_common_call", None)
+            y = rmsnorm(x, w, eps, offset=offset, casting_mode=mode)
+        _full_path_only(monkeypatch)
+        expected = rmsnorm(x, w, eps, offset=offset, casting_mode=mode)
+    assert y.shape == expected.shape == x.shape and y.dtype == expected.dtype
+    assert torch.equal(y, expected)
+    reference = rmsnorm_reference(x.double(), None if w is None else w.double(),
+                                  torch.finfo(torch.float32).eps if eps is None and dtype != torch.float64
+                                  else eps, offset=offset, casting_mode=mode)
+    assert rel_err(y, reference) < 1e-2  # the right function, not merely the same bits twice
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_repeat_path_declines_what_it_cannot_serve(device, repeat_table):
+    """After a layout is remembered, every call the full path would treat differently still gets the
+    full path: a recorded gradient, another backend, transforms, subclasses, other eps types, other
+    devices, non-contiguous views of the same shape."""
+    dtype = torch.bfloat16
+    x, w = randn(6, 32, dtype=dtype, device=device), randn(32, dtype=dtype, device=device)
+    with rotalabs_accel.use_backend("triton"), torch.no_grad():
+        rmsnorm(x, w, EPS)
+    assert len(repeat_table) == 1
+    _poison(repeat_table)
+
+    with rotalabs_accel.use_backend("triton"):
+        xg = x.clone().requires_grad_()
+        y = rmsnorm(xg, w, EPS)
+        assert y.grad_fn is not None
+        y.float().sum().backward()
+        assert xg.grad is not None and xg.grad.shape == x.shape
+    with rotalabs_accel.use_backend("torch"), torch.no_grad():
+        assert torch.equal(rmsnorm(x, w, EPS), rmsnorm_reference(x, w, EPS))
+    if device == "cpu":
+        # CPU tensors run the kernels only when the triton backend is forced (under the interpreter)
+        with rotalabs_accel.use_backend("auto"), torch.no_grad():
+            assert torch.equal(rmsnorm(x, w, EPS), rmsnorm_reference(x, w, EPS))
+    with rotalabs_accel.use_backend("triton"), torch.no_grad():
+        param = torch.nn.Parameter(x.clone(), requires_grad=False)  # a subclass of Tensor
+        assert rel_err(rmsnorm(param, w, EPS), rmsnorm_reference(x.double(), w.double(), EPS)) < 1e-2
+        # an int eps, converted by the full path; the meta device (same get_device() as the CPU)
+        assert rel_err(rmsnorm(x, w, 1), rmsnorm_reference(x.double(), w.double(), 1.0)) < 1e-2
+        y_meta = rmsnorm(x.to("meta"), w.to("meta"), EPS)
+        assert y_meta.is_meta and y_meta.shape == x.shape
+        # the same shape and strides as the remembered x... but transposed data is another layout
+        xt = randn(32, 6, dtype=dtype, device=device).t()
+        assert rel_err(rmsnorm(xt, w, EPS), rmsnorm_reference(xt.double(), w.double(), EPS)) < 1e-2
+        # a strided weight of the same shape
+        w_strided = randn(64, dtype=dtype, device=device)[::2]
+        y_strided = rmsnorm(x, w_strided, EPS)
+        assert rel_err(y_strided, rmsnorm_reference(x.double(), w_strided.double(), EPS)) < 1e-2
+        # bad arguments still raise, even for the remembered layout
+        with pytest.raises(ValueError, match="casting_mode"):
+            rmsnorm(x, w, EPS, casting_mode="fp32")
+        with pytest.raises(ValueError, match="weight is None"):
+            rmsnorm(x, None, EPS, offset=1.0)
+    with rotalabs_accel.use_backend("triton"):
+        with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+            rmsnorm(x, w, EPS)
+        with pytest.raises(RuntimeError, match="torch.func"):
+            torch.func.vmap(lambda t: rmsnorm(t, w, EPS))(x.unsqueeze(0))
+
+
+FUSED_REPEAT_LAYOUTS = {
+    # name: (shape, x's row padding, residual dtype (None: x's), eps)
+    "2-D": ((5, 48), 0, None, EPS),
+    "3-D contiguous": ((2, 3, 40), 0, None, EPS),
+    "2-D row-strided x": ((4, 40), 24, None, EPS),
+    "float32 residual": ((3, 64), 0, torch.float32, EPS),
+    "eps=None": ((3, 32), 0, None, None),
+}
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", list(FUSED_REPEAT_LAYOUTS))
+def test_fused_repeat_path_gives_the_full_paths_bits(device, dtype, layout, repeat_table, monkeypatch):
+    shape, pad, residual_dtype, eps = FUSED_REPEAT_LAYOUTS[layout]
+    n = shape[-1]
+
+    def fresh():
+        x = randn(*shape[:-1], n + pad, dtype=dtype, device=device)[..., :n]
+        r = randn(*shape, dtype=residual_dtype or dtype, device=device)
+        return x, r, (randn(n, device=device) * 0.5 + 1.0).to(dtype)
+
+    with rotalabs_accel.use_backend("triton"), torch.no_grad():
+        rmsnorm_residual_fused(*fresh(), eps)
+        assert len(repeat_table) == 1, "an inference call of this layout should be remembered"
+        x, r, w = fresh()
+        with pytest.MonkeyPatch.context() as patch:  # the repeat path must not need the full checks
+            patch.setattr(normalization, "_validate", None)
+            patch.setattr(normalization, "_common_residual_call", None)
+            y, s = rmsnorm_residual_fused(x, r, w, eps)
+        _full_path_only(monkeypatch)
+        y_full, s_full = rmsnorm_residual_fused(x, r, w, eps)
+    assert y.shape == s.shape == y_full.shape == x.shape
+    assert y.dtype == y_full.dtype and s.dtype == s_full.dtype == torch.promote_types(dtype, r.dtype)
+    assert torch.equal(y, y_full) and torch.equal(s, s_full)
+    assert torch.equal(s, x + r)  # the new residual is the rounded sum, exactly
+    eps_ref = torch.finfo(torch.float32).eps if eps is None else eps
+    assert rel_err(y, rmsnorm_reference((x + r).double(), w.double(), eps_ref)) < 1e-2
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fused_repeat_path_declines_a_recorded_gradient(device, repeat_table):
+    x, r = (randn(4, 32, dtype=torch.bfloat16, device=device) for _ in range(2))
+    w = randn(32, dtype=torch.bfloat16, device=device)
+    with rotalabs_accel.use_backend("triton"), torch.no_grad():
+        rmsnorm_residual_fused(x, r, w, EPS)
+    assert len(repeat_table) == 1
+    _poison(repeat_table)
+    with rotalabs_accel.use_backend("triton"):
+        rg = r.clone().requires_grad_()
+        y, s = rmsnorm_residual_fused(x, rg, w, EPS)
+        assert y.grad_fn is not None and s.grad_fn is not None
+        (y.float().sum() + s.float().sum()).backward()
+        assert rg.grad is not None and rg.grad.shape == r.shape
+        with pytest.raises(ValueError, match="residual must"):
+            rmsnorm_residual_fused(x, r[:2], w, EPS)
+    with rotalabs_accel.use_backend("torch"), torch.no_grad():
+        y, s = rmsnorm_residual_fused(x, r, w, EPS)
+        assert torch.equal(s, x + r) and torch.equal(y, rmsnorm_reference(x + r, w, EPS))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_repeat_path_serves_modules(device, repeat_table):
+    """TritonRMSNorm's inference calls take the repeat path (its weight is a Parameter) and match the
+    full path; a gradient-recording call of the same module does not."""
+    norm = TritonRMSNorm(48, eps=None, casting_mode="gemma", offset=1.0, device=device, dtype=torch.float16)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5)
+    x = randn(2, 3, 48, dtype=torch.float16, device=device)
+    with rotalabs_accel.use_backend("triton"):
+        with torch.no_grad():
+            first = norm(x)
+        assert len(repeat_table) == 1
+        with torch.inference_mode():
+            again = norm(x)
+        assert torch.equal(first, again)
+        _poison(repeat_table)
+        y = norm(x)  # the weight requires grad: autograd, not the repeat path
+        assert y.grad_fn is not None and torch.equal(y.detach(), first)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import math
 
 import torch
 
-from .._backend import check_same_device, select_backend
+from .._backend import check_same_device, kernels_unobstructed, select_backend
 from ..ops import rmsnorm as _ops
 from ..reference.rmsnorm import CASTING_MODES, add_rmsnorm_reference, rmsnorm_reference
+from ..triton_kernels._launch import current_device
 
 __all__ = ["rmsnorm", "rmsnorm_residual_fused"]
 
@@ -62,6 +63,108 @@ def _common_residual_call(x, residual, weight, offset: float, casting_mode: str)
     if type(residual) is not _Tensor or not _common_call(x, weight, offset, casting_mode):
         return False
     return residual.dtype == x.dtype and residual.shape == x.shape and _same_device(residual, x)
+
+
+# The repeat path of `rmsnorm` and `rmsnorm_residual_fused`: an inference call (no gradient recorded)
+# of a layout that was validated and sent to the kernel before launches again after a handful of
+# checks, which is what a decode step's many small norms need (the full path's checks cost a few
+# microseconds of host time per call, as much as the launch). Key: x's shape, strides and dtype, the
+# weight's shape, strides and dtype (three Nones without a weight), the casting mode, and for the
+# fused op the residual's shape, strides and dtype. Value: the device index (-1 for CPU tensors,
+# which run the kernels under Triton's interpreter), the kernel's launch plan and launch function,
+# and the eps that eps=None means for the call. Only layouts the kernels take without a copy get an
+# entry: x (and the residual) with unit column stride, 2-D or contiguous; a weight of unit stride.
+_REPEAT: dict[tuple, tuple] = {}
+_REPEAT_LIMIT = 512
+_grad_enabled = torch.is_grad_enabled
+
+
+def _repeat_key(x, weight, casting_mode: str, residual=None):
+    """The call's ``_REPEAT`` key, or ``None`` where the types rule the repeat path out."""
+    if type(x) is not _Tensor:
+        return None
+    if weight is None:
+        key = (x.shape, x.stride(), x.dtype, None, None, None, casting_mode)
+    else:
+        kind = type(weight)
+        if kind is not _Parameter and kind is not _Tensor:
+            return None
+        key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, casting_mode)
+    if residual is None:
+        return key
+    if type(residual) is not _Tensor:
+        return None
+    return (*key, residual.shape, residual.stride(), residual.dtype)
+
+
+def _repeat_ok(device: int, x, weight, residual=None) -> bool:
+    """Whether the tensors of a call whose layout has an entry for ``device`` may take its plan: on
+    that device (the current one, for CUDA), no gradient to record, nothing obstructing the kernels."""
+    if x.get_device() != device:
+        return False
+    if device >= 0:
+        if not x.is_cuda or device != current_device():
+            return False
+        if weight is not None and (weight.get_device() != device or not weight.is_cuda):
+            return False
+        if residual is not None and (residual.get_device() != device or not residual.is_cuda):
+            return False
+    elif not x.is_cpu or (weight is not None and not weight.is_cpu) or (
+        residual is not None and not residual.is_cpu
+    ):  # get_device is -1 for meta tensors too
+        return False
+    if _grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    ):
+        return False
+    return kernels_unobstructed(device < 0)
+
+
+def _repeat_call(x, weight, eps, offset: float, casting_mode: str, residual=None):
+    """The op's output when this call repeats the layout of an earlier one that ran the kernel without
+    autograd, and nothing else changed what it needs; otherwise ``None`` (the full path)."""
+    if type(offset) is not float or (weight is None and offset != 0.0):
+        return None
+    key = _repeat_key(x, weight, casting_mode, residual)
+    entry = None if key is None else _REPEAT.get(key)
+    if entry is None:
+        return None
+    device, plan, launch, eps_none = entry
+    if eps is None:
+        eps = eps_none
+    elif type(eps) is not float:
+        return None
+    if not _repeat_ok(device, x, weight, residual):
+        return None
+    if residual is None:
+        return launch(plan, x, weight, eps, offset)
+    return launch(plan, x, weight, eps, offset, residual)
+
+
+def _remember_call(x, x2, weight, casting_mode: str, residual=None, r2=None) -> None:
+    """Give an inference call that just ran the kernel an entry in ``_REPEAT`` if its layout allows:
+    ``x2`` (``r2``) is the 2-D form the kernel got of ``x`` (``residual``)."""
+    device = x.get_device()
+    if not (x.is_cuda if device >= 0 else x.is_cpu):
+        return
+    if x2.stride(1) != 1 or (x2 is not x and not x.is_contiguous()):
+        return
+    if residual is not None and (r2.stride(1) != 1 or (r2 is not residual and not residual.is_contiguous())):
+        return
+    if weight is not None and weight.stride(0) != 1:
+        return
+    key = _repeat_key(x, weight, casting_mode, residual)
+    if key is None or key in _REPEAT:
+        return
+    launcher = _ops.inference_launcher(x2, weight, casting_mode, r2)
+    if launcher is None:
+        return
+    if len(_REPEAT) >= _REPEAT_LIMIT:
+        _REPEAT.clear()
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    _REPEAT[key] = (device, *launcher, _resolve_eps(None, dtype))
 
 
 def _validate(
@@ -177,6 +280,11 @@ def rmsnorm(
         >>> y.shape
         torch.Size([2, 16, 64])
     """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _REPEAT:
+        y = _repeat_call(x, weight, eps, offset, casting_mode)
+        if y is not None:
+            return y
     if _common_call(x, weight, offset, casting_mode):
         reason = None
     else:
@@ -189,10 +297,12 @@ def rmsnorm(
     if select_backend("rmsnorm", x, kernel_reason=reason) == "torch":
         return rmsnorm_reference(x, weight, eps, offset=offset, casting_mode=casting_mode)
     x2 = x if x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1) else _rows(x)
-    if torch.compiler.is_compiling():
+    if compiling:
         y = _ops.rmsnorm_rows_compiled(x2, weight, eps, offset, casting_mode)
     else:
         y = _ops.rmsnorm_rows(x2, weight, eps, offset, casting_mode)
+        if y.grad_fn is None:
+            _remember_call(x, x2, weight, casting_mode)
     return y if x2 is x else y.view(x.shape)
 
 
@@ -233,6 +343,11 @@ def rmsnorm_residual_fused(
         >>> normed.shape, residual.shape
         (torch.Size([2, 8, 64]), torch.Size([2, 8, 64]))
     """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _REPEAT:
+        out = _repeat_call(x, weight, eps, offset, casting_mode, residual)
+        if out is not None:
+            return out
     if _common_residual_call(x, residual, weight, offset, casting_mode):
         # x, residual and weight are checked to share one device: x alone tells select_backend
         tensors, reason = (x,), None
@@ -247,10 +362,12 @@ def rmsnorm_residual_fused(
     if select_backend("rmsnorm_residual_fused", *tensors, kernel_reason=reason) == "torch":
         return add_rmsnorm_reference(x, residual, weight, eps, offset=offset, casting_mode=casting_mode)
     x2, r2 = _rows(x), _rows(residual)
-    if torch.compiler.is_compiling():
+    if compiling:
         y, new_residual = _ops.add_rmsnorm_rows_compiled(x2, r2, weight, eps, offset, casting_mode)
     else:
         y, new_residual = _ops.add_rmsnorm_rows(x2, r2, weight, eps, offset, casting_mode)
+        if y.grad_fn is None and new_residual.grad_fn is None:
+            _remember_call(x, x2, weight, casting_mode, residual, r2)
     if x.dim() == 2:
         return y, new_residual
     return y.view(x.shape), new_residual.view(x.shape)

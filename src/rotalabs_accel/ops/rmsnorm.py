@@ -23,7 +23,13 @@ import torch
 from ..reference.rmsnorm import rmsnorm_output_dtype, rmsnorm_reference
 from ._autograd import direct_apply, reference_grads
 
-__all__ = ["rmsnorm_rows", "add_rmsnorm_rows", "rmsnorm_rows_compiled", "add_rmsnorm_rows_compiled"]
+__all__ = [
+    "rmsnorm_rows",
+    "inference_launcher",
+    "add_rmsnorm_rows",
+    "rmsnorm_rows_compiled",
+    "add_rmsnorm_rows_compiled",
+]
 
 _kernels = None
 
@@ -175,6 +181,24 @@ def rmsnorm_rows(
     return _kernel_module().rmsnorm_forward(
         x, weight, eps, offset, casting_mode, out_dtype=out_dtype, store_rstd=False
     )[0]
+
+
+def inference_launcher(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    casting_mode: str,
+    residual: Optional[torch.Tensor] = None,
+):
+    """``(plan, launch)`` for repeating an inference call (no gradient) of :func:`rmsnorm_rows`, or of
+    :func:`add_rmsnorm_rows` with a ``residual``, on tensors of the same layouts:
+    ``launch(plan, x, weight, eps, offset[, residual])`` returns what that call returns. ``None`` for an
+    empty ``x``. The tensors are 2-D with unit column stride and ``weight`` (if any) has unit stride."""
+    x_dtype = x.dtype
+    if residual is not None and residual.dtype != x_dtype:
+        x_dtype = torch.promote_types(x_dtype, residual.dtype)
+    module = _kernel_module()
+    plan = module.inference_plan(x, weight, casting_mode, _out_dtype(x_dtype, weight, casting_mode), residual)
+    return None if plan is None else (plan, module.launch_planned)
 
 
 def add_rmsnorm_rows(

@@ -87,6 +87,8 @@ __all__ = [
     "candidate_configs",
     "rmsnorm_forward",
     "rmsnorm_backward",
+    "inference_plan",
+    "launch_planned",
 ]
 
 # Casting modes as kernel constants: 0 llama, 1 gemma, 2 none (see reference/rmsnorm.py).
@@ -1035,6 +1037,48 @@ def rmsnorm_forward(
     else:
         plan.run(plan, x, weight, residual, y, new_residual, rstd, eps, offset)
     return y, new_residual, rstd
+
+
+def inference_plan(x: torch.Tensor, weight: torch.Tensor | None, casting_mode: str,
+                   out_dtype: torch.dtype, residual: torch.Tensor | None = None) -> _Plan | None:
+    """The launch plan :func:`rmsnorm_forward` uses for an inference call on ``x`` (no ``rstd``), for
+    :func:`launch_planned` to launch again; ``None`` for an empty ``x``.
+
+    ``x`` (and ``residual``, when the call adds one) is ``(M, N)`` with unit column stride and
+    ``weight`` (if any) has unit stride: the plan holds the sizes and row strides, so it serves every
+    later call with tensors of the same layouts, dtypes and device (and any contiguous tensors whose
+    rows collapse to these).
+    """
+    m, n = x.shape
+    if m == 0 or n == 0:
+        return None
+    key_r = None if residual is None else (residual.dtype, residual.stride(0))
+    key = (m, n, x.stride(0), x.dtype, x.get_device(), None if weight is None else weight.dtype, key_r,
+           out_dtype, False, casting_mode, None)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _forward_plan(key, x, weight, residual, None)
+    return plan
+
+
+def launch_planned(plan: _Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
+                   residual: torch.Tensor | None = None):
+    """Launch a plan of :func:`inference_plan`: the normalized output in ``x``'s shape, or with a
+    ``residual`` the pair ``(normed, x + residual)``.
+
+    The tensors have the plan's layouts (or are contiguous with the plan's row count and width), live
+    on the current device, ``weight`` has unit stride, and ``eps`` and ``offset`` are floats. Nothing is
+    checked here: the caller (the functional layer's repeat path) has.
+    """
+    # empty_like is the cheapest allocation call; for a row-strided x it still returns contiguous rows
+    # (x is then not dense), and a single row's stride is never read.
+    y = torch.empty_like(x, dtype=plan.out_dtype)
+    if residual is None:
+        plan.run(plan, x, weight, None, y, None, None, eps, offset)
+        return y
+    new_residual = torch.empty_like(x, dtype=plan.s_dtype)
+    plan.run(plan, x, weight, residual, y, new_residual, None, eps, offset)
+    return y, new_residual
 
 
 def _empty_forward(x, residual, m, n, eps, out_dtype, store_rstd):
