@@ -8,6 +8,10 @@ launch on a GPU host), and ``torch.cuda`` device queries. On a GPU the same Pyth
 launch, so these numbers are the part of a small call's latency, and of the gap between the forward
 and the backward kernels of a training step, that this library controls.
 
+Repeated inference calls of one layout take the functional layer's repeat path (a remembered launch
+plan after a handful of checks); the rows marked "full checks" switch it off, which is what the first
+call of a layout pays.
+
 For scale the run also times an autograd.Function that does nothing but allocate its output (the
 floor any custom op pays for autograd) and a one-element PyTorch add.
 
@@ -31,6 +35,7 @@ import torch  # noqa: E402
 
 import rotalabs_accel  # noqa: E402
 from rotalabs_accel import TritonRMSNorm, rmsnorm, rmsnorm_residual_fused  # noqa: E402
+from rotalabs_accel.functional import normalization  # noqa: E402
 from rotalabs_accel.triton_kernels import _launch  # noqa: E402
 from rotalabs_accel.triton_kernels import rmsnorm as kernels  # noqa: E402
 
@@ -136,6 +141,15 @@ def rmsnorm_costs(m: int, n: int) -> dict[str, float]:
         out["functional rmsnorm, no grad"] = us_per_call(lambda: rmsnorm(x, w, 1e-6))
         out["TritonRMSNorm(x), no grad"] = us_per_call(lambda: norm(x))
         out["TritonRMSNorm(x, residual), no grad"] = us_per_call(lambda: norm(x, r))
+        # the same calls without the repeat path: what a call of a layout not seen before pays
+        repeat_call = normalization._repeat_call
+        normalization._repeat_call = lambda *args: None
+        try:
+            out["functional rmsnorm, no grad, full checks"] = us_per_call(lambda: rmsnorm(x, w, 1e-6))
+            out["TritonRMSNorm(x), no grad, full checks"] = us_per_call(lambda: norm(x))
+            out["TritonRMSNorm(x, residual), no grad, full checks"] = us_per_call(lambda: norm(x, r))
+        finally:
+            normalization._repeat_call = repeat_call
         out["launcher rmsnorm_forward, no grad"] = us_per_call(
             lambda: kernels.rmsnorm_forward(x, w, 1e-6, 0.0, "llama", store_rstd=False))
     out["functional rmsnorm, recording autograd"] = us_per_call(lambda: rmsnorm(xg, wg, 1e-6))
