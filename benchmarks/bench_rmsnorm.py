@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -374,10 +375,14 @@ def wall_us_per_call(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+DISPATCH_ROUNDS = 3
+
+
 def run_dispatch(b: Bench):
     """Wall-clock per eager call on small inputs, where Python launch cost dominates the kernel."""
     iters = 500 if b.quick else 5000
-    print("\nwall-clock per call (time.perf_counter over many calls, then sync):")
+    print("\nwall-clock per call (time.perf_counter over many calls, then sync; median of "
+          f"{DISPATCH_ROUNDS} rounds that take every case in turn):")
     for m, n in SMALL_SHAPES:
         _dispatch_rows(b, m, n, iters)
 
@@ -393,7 +398,7 @@ def _dispatch_rows(b: Bench, m: int, n: int, iters: int):
     liger, liger_add = _liger_modules(n)
     # Where the time goes: the module, the functional API (validation + dispatch), the launcher
     # (allocation + launch plan + Triton's launcher); one PyTorch kernel launch for scale.
-    cases = [
+    inference = [
         ("TritonRMSNorm", lambda: ours(x)),
         ("ours functional", lambda: rmsnorm(x, w, EPS)),
         ("ours launcher", lambda: kernels.rmsnorm_forward(x, w, EPS, 0.0, "llama", store_rstd=False)),
@@ -404,17 +409,10 @@ def _dispatch_rows(b: Bench, m: int, n: int, iters: int):
         ("F.rms_norm(x + r)", lambda: F.rms_norm(x + r, (n,), w, EPS)),
     ]
     if liger is not None:
-        cases += [("LigerRMSNorm", lambda: liger(x)), ("LigerFusedAdd", lambda: liger_add(x, r))]
-    note = "wall-clock per eager call, inference mode (ms)"
-    with torch.inference_mode():
-        for name, fn in cases:
-            _dispatch_row(b, name, (m, n), fn, iters, note)
+        inference += [("LigerRMSNorm", lambda: liger(x)), ("LigerFusedAdd", lambda: liger_add(x, r))]
     # The same with autograd recording, as in a training step's forward, and a whole small step.
     xg = x.clone().requires_grad_()
     dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
-    note = "wall-clock per eager call, recording autograd (ms)"
-    _dispatch_row(b, "TritonRMSNorm +grad", (m, n), lambda: ours(xg), iters, note)
-    _dispatch_row(b, "nn.RMSNorm +grad", (m, n), lambda: theirs(xg), iters, note)
 
     def step(module):
         def run():
@@ -423,11 +421,41 @@ def _dispatch_rows(b: Bench, m: int, n: int, iters: int):
 
         return run
 
-    note = "wall-clock per forward + backward step (ms)"
-    _dispatch_row(b, "TritonRMSNorm fwd+bwd", (m, n), step(ours), iters, note)
-    _dispatch_row(b, "nn.RMSNorm fwd+bwd", (m, n), step(theirs), iters, note)
-    # The floor any custom autograd op pays on this host: allocate the output, pass the gradient on.
-    _dispatch_row(b, "autograd.Function floor fwd+bwd", (m, n), step(_AllocOnly(ours.weight)), iters, note)
+    recording = [("TritonRMSNorm +grad", lambda: ours(xg)), ("nn.RMSNorm +grad", lambda: theirs(xg))]
+    steps = [
+        ("TritonRMSNorm fwd+bwd", step(ours)),
+        ("nn.RMSNorm fwd+bwd", step(theirs)),
+        # The floor any custom autograd op pays on this host: allocate the output, pass the gradient on.
+        ("autograd.Function floor fwd+bwd", step(_AllocOnly(ours.weight))),
+    ]
+    groups = [
+        (inference, "wall-clock per eager call, inference mode (ms)", True),
+        (recording, "wall-clock per eager call, recording autograd (ms)", False),
+        (steps, "wall-clock per forward + backward step (ms)", False),
+    ]
+    # Every case once per round, in turn, so that a host whose clocks or load drift during the run
+    # shifts them all alike; each row is the median of its rounds.
+    times: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    for _ in range(DISPATCH_ROUNDS):
+        for cases, _, inference_mode in groups:
+            with torch.inference_mode(inference_mode):
+                for name, fn in cases:
+                    if name in failed:
+                        continue
+                    try:
+                        times.setdefault(name, []).append(wall_us_per_call(fn, iters))
+                    except Exception as exc:
+                        failed[name] = type(exc).__name__
+    for cases, note, _ in groups:
+        for name, _ in cases:
+            if name in failed:
+                b.notes.append(f"dispatch {name} {(m, n)}: failed ({failed[name]})")
+                continue
+            us = statistics.median(times[name])
+            b.rows.append(Row("dispatch_wall", name, [m, n], us / 1000, note=note))
+            print(f"  {name:32s} {str((m, n)):12s} {us:7.2f} us/call "
+                  f"(rounds {min(times[name]):.2f}-{max(times[name]):.2f})", flush=True)
 
 
 class _AllocOnlyFunction(torch.autograd.Function):
@@ -447,16 +475,6 @@ class _AllocOnly(torch.nn.Module):
 
     def forward(self, x):
         return _AllocOnlyFunction.apply(x, self.weight)
-
-
-def _dispatch_row(b: Bench, name, shape, fn, iters, note):
-    try:
-        us = wall_us_per_call(fn, iters)
-    except Exception as exc:
-        b.notes.append(f"dispatch {name} {shape}: failed ({type(exc).__name__})")
-        return
-    b.rows.append(Row("dispatch_wall", name, list(shape), us / 1000, note=note))
-    print(f"  {name:22s} {str(shape):12s} {us:7.2f} us/call", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
