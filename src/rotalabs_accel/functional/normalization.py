@@ -76,7 +76,6 @@ def _common_residual_call(x, residual, weight, offset: float, casting_mode: str)
 # entry: x (and the residual) with unit column stride, 2-D or contiguous; a weight of unit stride.
 _REPEAT: dict[tuple, tuple] = {}
 _REPEAT_LIMIT = 512
-_grad_enabled = torch.is_grad_enabled
 
 
 def _repeat_key(x, weight, casting_mode: str, residual=None):
@@ -113,13 +112,7 @@ def _repeat_ok(device: int, x, weight, residual=None) -> bool:
         residual is not None and not residual.is_cpu
     ):  # get_device is -1 for meta tensors too
         return False
-    if _grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (residual is not None and residual.requires_grad)
-    ):
-        return False
-    return kernels_unobstructed(device < 0)
+    return not _ops._needs_grad(x, weight, residual) and kernels_unobstructed(device < 0)
 
 
 def _repeat_call(x, weight, eps, offset: float, casting_mode: str, residual=None):
