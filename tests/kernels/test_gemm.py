@@ -205,13 +205,20 @@ def test_split_k_is_one_launch_and_leaves_its_counters_zero(device, kernel, monk
     from rotalabs_accel.triton_kernels.int8_config import DotConfig, GemvConfig
 
     launched = []
-    real_call = kernels.KernelLaunch.__call__
+    real_call, real_launch_ptrs = kernels.KernelLaunch.__call__, kernels.KernelLaunch.launch_ptrs
 
     def counting_call(site, args, key=0):
         launched.append(site.kernel)
         return real_call(site, args, key)
 
+    def counting_launch_ptrs(site, args, key=0):
+        done = real_launch_ptrs(site, args, key)
+        if done:
+            launched.append(site.kernel)
+        return done
+
     monkeypatch.setattr(kernels.KernelLaunch, "__call__", counting_call)
+    monkeypatch.setattr(kernels.KernelLaunch, "launch_ptrs", counting_launch_ptrs)
     kernels.clear_plans()
     for m, n, k, split in ((3, 37, 200, 4), (5, 50, 96, 3)):
         if kernel == "gemv":

@@ -161,8 +161,15 @@ def test_real_kernel_through_both_doors(device):
             x, y = base[start:start + n], out[start:start + n]
             launch_module.launch(kernel, ((n + 63) // 64,), (x, y, n, 2.0), 4, BLOCK=64, NEGATE=False)
             torch.testing.assert_close(y, 2.0 * x)
-            sites[n]((x, y, n, 0.5), (x.data_ptr() & 15, y.data_ptr() & 15))
+            key = (x.data_ptr() & 15, y.data_ptr() & 15)
+            sites[n]((x, y, n, 0.5), key)
             torch.testing.assert_close(y, -0.5 * x)
+            # The same launch with the addresses as integers, where the site has a C entry for them.
+            y.fill_(7.0)
+            if sites[n].launch_ptrs((x.data_ptr(), y.data_ptr(), n, 0.25), key):
+                torch.testing.assert_close(y, -0.25 * x)
+            else:
+                assert (y == 7.0).all()  # declined: nothing was launched
     if cuda_available():
         assert launch_module.direct_launch_enabled(), "this Triton refused the direct launch"
     if cuda_available() and launch_module._check_c_launch_convention():
@@ -171,6 +178,8 @@ def test_real_kernel_through_both_doors(device):
         assert launch_module._c_launch_ok
         runs = [site._entries[key] for site in sites.values() for key in site._entries]
         assert runs and all(run.__qualname__.startswith("_c_launcher") for run in runs)
+        # ... and every one of them takes integer addresses (the second round's launch_ptrs ran them).
+        assert all(site._ptr_entries == site._entries for site in sites.values())
 
 
 class _CLauncher:
@@ -180,9 +189,11 @@ class _CLauncher:
     launch_cooperative_grid, launch_pdl = False, True
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.refuse = [], False
 
     def launch(self, *args):
+        if self.refuse:
+            raise TypeError("launcher takes a different argument list")
         self.calls.append(args)
 
 
@@ -222,6 +233,44 @@ def test_c_entry_gets_triton_36_argument_order(fresh_cache, monkeypatch):
         (5, 2, 1, 100, 0xF00, False, True, None, None, ("meta",), None, None, None, x, 32, 1, 2),
         (3, 1, 1, 100, 0xF00, False, True, None, None, ("meta",), None, None, None, x, 16, 6, 5),
     ]
+
+
+def test_launch_ptrs_only_through_the_c_entry(fresh_cache, monkeypatch):
+    # Integer addresses go only to a C entry that a call with the same key set up; anything else
+    # declines without launching, and the caller makes the ordinary call.
+    k = fresh_cache
+    monkeypatch.setattr(k, "_c_launch_ok", True)
+    monkeypatch.setattr(k, "_launch_hooks_installed", lambda: False)
+    kernel, x = _KernelWithLauncher(), _OnGpu()
+    site = k.KernelLaunch(kernel, (3,), 4, device=0, B=5, A=6)
+    assert not site.launch_ptrs((0xA000, 16))  # no call with this key yet
+    site((x, 16))
+    assert not site.launch_ptrs((0xA000, 16), key=1)  # another key
+    assert site.launch_ptrs((0xA000, 16))
+    assert kernel.compiled.run.calls == [
+        (3, 1, 1, 100, 0xF00, False, True, None, None, ("meta",), None, None, None, 0xA000, 16, 6, 5),
+    ]
+    assert len(kernel.jit_calls) == 1 and kernel.compiled.calls == []
+    # A C entry that refuses the arguments: nothing launched, direct launches off for good.
+    kernel.compiled.run.refuse = True
+    assert not site.launch_ptrs((0xA000, 16))
+    assert not k.direct_launch_enabled()
+    assert not site.launch_ptrs((0xA000, 16))
+
+
+@pytest.mark.parametrize("case", ["scratch", "hooks", "other_triton", "cpu"])
+def test_launch_ptrs_declined_without_a_c_entry(fresh_cache, monkeypatch, case):
+    # Triton's own runner (scratch, hooks, an unverified Triton) and the interpreter get tensors only.
+    k = fresh_cache
+    monkeypatch.setattr(k, "_c_launch_ok", case != "other_triton")
+    monkeypatch.setattr(k, "_launch_hooks_installed", lambda: case == "hooks")
+    kernel, x = _KernelWithLauncher(scratch=64 if case == "scratch" else 0), _OnGpu()
+    site = k.KernelLaunch(kernel, (3,), 4, device=-1 if case == "cpu" else 0, B=5, A=6)
+    site((x, 16))
+    site((x, 16))
+    assert not site.launch_ptrs((0xA000, 16))
+    assert kernel.compiled.run.calls == []
+    assert all(args[0] is x for _, args, _ in kernel.compiled.calls)
 
 
 @pytest.mark.parametrize("case", ["scratch", "hooks", "other_triton"])
@@ -320,3 +369,4 @@ def test_c_entry_encodes_each_tensor_map_once(fresh_cache, monkeypatch):
         (x, "map3", 32, 32, 32, 1, 5, 7), (x, "map1", 64, 32, 32, 1, 5, 7),
     ]
     assert all(c[:len(base)] == base for c in c_calls)
+    assert not site.launch_ptrs((x, _Desc(w, [64, 32], [32, 1]), 5))  # descriptors expand in Python

@@ -18,7 +18,10 @@ host catches up. Two doors avoid that:
     For callers that launch one kernel many times with the same grid, options, constexprs and
     integer arguments (the op layers cache one per input shape). The caller passes a small key that
     summarizes what can still change between its calls (in practice the low address bits of the
-    tensors), so a launch costs one dictionary lookup on top of Triton's own launcher.
+    tensors), so a launch costs one dictionary lookup on top of Triton's own launcher. Its
+    :meth:`~KernelLaunch.launch_ptrs` takes the tensors' addresses as integers instead, which the
+    callers read for the key anyway: the C launcher then skips a ``data_ptr()`` call and a driver
+    query per tensor.
 
 Both keep, per compiled kernel and grid, the cheapest callable that launches it. With the Triton
 version this was checked against (3.6, whose launcher's calling convention is verified before use;
@@ -224,6 +227,10 @@ def _c_launcher(compiled, grid: tuple, tail: tuple):
         entry(gx, gy, gz, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
               *args, *tail)
 
+    # Triton 3.6's C entry reads an int pointer argument as the address (no data_ptr() call, no driver
+    # check): KernelLaunch.launch_ptrs may pass addresses. The descriptor runner above expands its
+    # arguments in Python and does not.
+    run.takes_int_pointers = True
     return run
 
 
@@ -304,7 +311,7 @@ class KernelLaunch:
         >>> # site((x, y, n), x.data_ptr() & 15 | (y.data_ptr() & 15) << 4)
     """
 
-    __slots__ = ("kernel", "grid", "options", "constexprs", "device", "direct", "_entries")
+    __slots__ = ("kernel", "grid", "options", "constexprs", "device", "direct", "_entries", "_ptr_entries")
 
     def __init__(self, kernel, grid: tuple, num_warps: int, num_stages: int | None = None,
                  device: int = -1, **constexprs) -> None:
@@ -316,6 +323,28 @@ class KernelLaunch:
         self.device = device
         self.direct = device >= 0 and _current_stream is not None
         self._entries: dict = {}
+        self._ptr_entries: dict = {}  # the entries whose runner takes pointers as integers
+
+    def launch_ptrs(self, args: tuple, key=0) -> bool:
+        """Launch with every tensor argument given as its ``data_ptr()`` (an ``int``; ``None`` stays
+        ``None``) if a call with this ``key`` went through :meth:`__call__` before and its runner is the
+        compiled launcher's C entry; ``False`` (nothing launched) otherwise, and the caller then makes
+        the ordinary call with the tensors.
+
+        The C entry takes an integer as the device address itself, where for a tensor it calls
+        ``data_ptr()`` and asks the driver to check the address on every launch; the caller, which reads
+        the addresses anyway for ``key``, saves both. The caller vouches for what the check covered:
+        the tensors live on this site's device.
+        """
+        run = self._ptr_entries.get(key)
+        if run is None or not _direct_launch_ok:
+            return False
+        try:
+            run(_current_stream(self.device), args)
+            return True
+        except Exception:
+            _disable_direct_launch()
+            return False
 
     def __call__(self, args: tuple, key=0) -> None:
         run = self._entries.get(key)
@@ -330,4 +359,6 @@ class KernelLaunch:
             return
         first = _first_launch(self.kernel, self.grid, args, self.options, self.constexprs)
         if first is not None:
-            self._entries[key] = _runner(first[0], self.grid, first[1])
+            run = self._entries[key] = _runner(first[0], self.grid, first[1])
+            if getattr(run, "takes_int_pointers", False):
+                self._ptr_entries[key] = run

@@ -922,8 +922,9 @@ def w8a16_linear(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     index = x.get_device()
-    x_align = x.data_ptr() & 15
-    w_align = weight.data_ptr() & 15
+    px, pw = x.data_ptr(), weight.data_ptr()
+    x_align = px & 15
+    w_align = pw & 15
     # TMA descriptors need 16-byte aligned bases and row strides
     tma_ok = not (x_align | w_align | (stride_xm * x.element_size()) & 15 | stride_wn & 15)
     key = (m, n, k, x.dtype, group_size, bias is None, kernel, config, index, tma_ok)
@@ -946,19 +947,26 @@ def w8a16_linear(
     else:
         stride_sn, stride_sg = scale.stride(0), 0
     b_arg = bias if bias is not None else scale
+    ps, pb = scale.data_ptr(), b_arg.data_ptr()
     # What can change Triton's specialization between calls of one plan (out and part are fresh,
     # hence aligned): the inputs' alignment, the strides and the bias dtype.
-    spec = (x_align, w_align, scale.data_ptr() & 15, b_arg.data_ptr() & 15,
-            b_arg.dtype, stride_xm, stride_wn, stride_sn, stride_sg)
+    spec = (x_align, w_align, ps & 15, pb & 15, b_arg.dtype, stride_xm, stride_wn, stride_sn, stride_sg)
+    ints = (m, n, k, k_per_split, stride_xm, stride_wn, stride_sn, stride_sg)
+    switch = index >= 0 and index != current_device()
     if tma is None:
-        x_arg, w_arg = x, weight
-    else:
-        x_arg = x if tma[0] is None else _descriptor(x, [m, k], [stride_xm, 1], tma[0])
-        w_arg = _descriptor(weight, [n, k], [stride_wn, 1], tma[1])
-    args = (x_arg, w_arg, scale, b_arg, out, part, locks, m, n, k, k_per_split, stride_xm, stride_wn,
-            stride_sn, stride_sg)
-    if index >= 0 and index != current_device():
-        # Triton launches on the current device
+        # pointer loads: the addresses as integers where the site launches through the C entry
+        ptrs = (px, pw, ps, pb, out.data_ptr(), part.data_ptr(), locks.data_ptr(), *ints)
+        if switch:
+            with torch.cuda.device(index):  # Triton launches on the current device
+                if not site.launch_ptrs(ptrs, spec):
+                    site((x, weight, scale, b_arg, out, part, locks, *ints), spec)
+        elif not site.launch_ptrs(ptrs, spec):
+            site((x, weight, scale, b_arg, out, part, locks, *ints), spec)
+        return out
+    x_arg = x if tma[0] is None else _descriptor(x, [m, k], [stride_xm, 1], tma[0])
+    w_arg = _descriptor(weight, [n, k], [stride_wn, 1], tma[1])
+    args = (x_arg, w_arg, scale, b_arg, out, part, locks, *ints)
+    if switch:
         with torch.cuda.device(index):
             site(args, spec)
     else:

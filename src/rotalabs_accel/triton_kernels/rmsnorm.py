@@ -923,14 +923,21 @@ def _forward_plan(key: tuple, x, weight, residual, config) -> _Plan:
 def _forward_rows(plan, x, w, r, y, s, rstd, eps, offset):
     """tile and chunked: one launch, the row kernels' argument list."""
     m, n, stride_x, stride_r = plan.sizes
-    key = x.data_ptr() & 15 | (y.data_ptr() & 15) << 4
+    px, py = x.data_ptr(), y.data_ptr()
+    key = px & 15 | (py & 15) << 4
+    pw = pr = ps = pt = None
     if w is not None:
-        key |= (w.data_ptr() & 15) << 8
+        pw = w.data_ptr()
+        key |= (pw & 15) << 8
     if r is not None:
-        key |= (r.data_ptr() & 15) << 12 | (s.data_ptr() & 15) << 16
+        pr, ps = r.data_ptr(), s.data_ptr()
+        key |= (pr & 15) << 12 | (ps & 15) << 16
     if rstd is not None:
-        key |= (rstd.data_ptr() & 15) << 20
-    plan.sites[0]((x, stride_x, r, stride_r, w, y, n, s, n, rstd, m, n, eps, offset), key)
+        pt = rstd.data_ptr()
+        key |= (pt & 15) << 20
+    site = plan.sites[0]
+    if not site.launch_ptrs((px, stride_x, pr, stride_r, pw, py, n, ps, n, pt, m, n, eps, offset), key):
+        site((x, stride_x, r, stride_r, w, y, n, s, n, rstd, m, n, eps, offset), key)
 
 
 def _forward_lookback(plan, x, w, r, y, s, rstd, eps, offset):
@@ -1139,7 +1146,10 @@ def _backward_plan(key: tuple, dy, x, weight, dresidual, compute_dw, config) -> 
 def _reduce_dw(plan, part, programs, n, w):
     """dW from the fp32 partials, allocated here: the main kernel is already on its way."""
     dw = torch.empty_like(w)  # w is 1-D and contiguous; empty_like is the cheapest allocation call
-    plan.sites[-1]((part, dw, programs, n), part.data_ptr() & 15 | (dw.data_ptr() & 15) << 4)
+    pp, pd = part.data_ptr(), dw.data_ptr()
+    site, key = plan.sites[-1], pp & 15 | (pd & 15) << 4
+    if not site.launch_ptrs((pp, pd, programs, n), key):
+        site((part, dw, programs, n), key)
     return dw
 
 
@@ -1151,15 +1161,25 @@ def _backward_tile(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
             dw = torch.empty_like(w)
         else:
             part = dx.new_empty((programs, n), dtype=torch.float32)
-    key = (dy.data_ptr() & 15 | (x.data_ptr() & 15) << 4 | (rstd.data_ptr() & 15) << 8
-           | (dx.data_ptr() & 15) << 12)
+    pdy, px, pt, pdx = dy.data_ptr(), x.data_ptr(), rstd.data_ptr(), dx.data_ptr()
+    key = pdy & 15 | (px & 15) << 4 | (pt & 15) << 8 | (pdx & 15) << 12
+    pw = pds = pp = pdw = None
     if w is not None:
-        key |= (w.data_ptr() & 15) << 16
+        pw = w.data_ptr()
+        key |= (pw & 15) << 16
     if ds is not None:
-        key |= (ds.data_ptr() & 15) << 20
-    if compute_dw:
-        key |= _ptr_bits(dw) << 24 | _ptr_bits(part) << 28
-    plan.sites[0]((dy, stride_dy, x, stride_x, w, rstd, dx, n, ds, stride_ds, part, dw, m, n, offset), key)
+        pds = ds.data_ptr()
+        key |= (pds & 15) << 20
+    if dw is not None:
+        pdw = dw.data_ptr()
+        key |= (pdw & 15) << 24
+    if part is not None:
+        pp = part.data_ptr()
+        key |= (pp & 15) << 28
+    site = plan.sites[0]
+    ptrs = (pdy, stride_dy, px, stride_x, pw, pt, pdx, n, pds, stride_ds, pp, pdw, m, n, offset)
+    if not site.launch_ptrs(ptrs, key):
+        site((dy, stride_dy, x, stride_x, w, rstd, dx, n, ds, stride_ds, part, dw, m, n, offset), key)
     if part is not None:
         dw = _reduce_dw(plan, part, programs, n, w)
     return dw

@@ -404,15 +404,17 @@ def rope_apply(
             plan_key = (n_tokens, heads_q, heads_k, sqh <= sqs, rotary_dim, head_dim, q.dtype, interleaved,
                         backward, has_positions, inplace)
             site = _new_site(key, plan_key, device)
+        ptrs = (q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), cos.data_ptr(),
+                sin.data_ptr(), pos.data_ptr())
         call_key = (
-            (q.data_ptr() & 15) | (k.data_ptr() & 15) << 4 | (q_out.data_ptr() & 15) << 8
-            | (k_out.data_ptr() & 15) << 12 | (cos.data_ptr() & 15) << 16 | (sin.data_ptr() & 15) << 20
-            | (pos.data_ptr() & 15) << 24 | (offset > 0x7FFFFFFF) << 28
+            (ptrs[0] & 15) | (ptrs[1] & 15) << 4 | (ptrs[2] & 15) << 8 | (ptrs[3] & 15) << 12
+            | (ptrs[4] & 15) << 16 | (ptrs[5] & 15) << 20 | (ptrs[6] & 15) << 24 | (offset > 0x7FFFFFFF) << 28
         )
         if device >= 0 and device != current_device():
             with torch.cuda.device(device):
-                site(args, call_key)
-        else:
+                if not site.launch_ptrs((*ptrs, *ints, offset), call_key):
+                    site(args, call_key)
+        elif not site.launch_ptrs((*ptrs, *ints, offset), call_key):
             site(args, call_key)
         return q_out, k_out
     grid, num_warps, meta = _make_plan(n_tokens, heads_q, heads_k, sqh <= sqs, rotary_dim, head_dim, q.dtype,

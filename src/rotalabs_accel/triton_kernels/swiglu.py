@@ -404,14 +404,15 @@ def swiglu_forward_rows(
             contiguous = up_col == 0 and stride_gate == stride_up == stride_out == n_cols
             entry = _new_site(key, _swiglu_forward_kernel, None, ints, contiguous, device)
         site, ints = entry
-        args = (gate, up, out, *ints)
+        pg, pu, po = gate.data_ptr(), up.data_ptr(), out.data_ptr()
         # the rest of what Triton specializes on: the operands' 16-byte alignment
-        align = (gate.data_ptr() & 15) | (up.data_ptr() & 15) << 4 | (out.data_ptr() & 15) << 8
+        align = (pg & 15) | (pu & 15) << 4 | (po & 15) << 8
         if switch:
             with torch.cuda.device(device):
-                site(args, align)
-        else:
-            site(args, align)
+                if not site.launch_ptrs((pg, pu, po, *ints), align):
+                    site((gate, up, out, *ints), align)
+        elif not site.launch_ptrs((pg, pu, po, *ints), align):
+            site((gate, up, out, *ints), align)
         return
     if config.flat and up_col == 0 and stride_gate == stride_up == stride_out == n_cols:
         config, n_rows, n_cols = _flattened(config, n_rows, n_cols)
@@ -456,17 +457,18 @@ def swiglu_backward_rows(
             )
             entry = _new_site(key, _swiglu_backward_kernel, store_h, ints, contiguous, device)
         site, ints = entry
-        args = (grad_out, gate, up, grad_gate, grad_up, h_out, *ints)
+        ptrs = (grad_out.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(),
+                h_out.data_ptr())
         align = (
-            (grad_out.data_ptr() & 15) | (gate.data_ptr() & 15) << 4 | (up.data_ptr() & 15) << 8
-            | (grad_gate.data_ptr() & 15) << 12 | (grad_up.data_ptr() & 15) << 16
-            | (h_out.data_ptr() & 15) << 20
+            (ptrs[0] & 15) | (ptrs[1] & 15) << 4 | (ptrs[2] & 15) << 8 | (ptrs[3] & 15) << 12
+            | (ptrs[4] & 15) << 16 | (ptrs[5] & 15) << 20
         )
         if switch:
             with torch.cuda.device(device):
-                site(args, align)
-        else:
-            site(args, align)
+                if not site.launch_ptrs((*ptrs, *ints), align):
+                    site((grad_out, gate, up, grad_gate, grad_up, h_out, *ints), align)
+        elif not site.launch_ptrs((*ptrs, *ints), align):
+            site((grad_out, gate, up, grad_gate, grad_up, h_out, *ints), align)
         return
     if (
         config.flat
