@@ -151,7 +151,7 @@ def _remember_call(x, x2, weight, casting_mode: str, residual=None, r2=None) -> 
     key = _repeat_key(x, weight, casting_mode, residual)
     if key is None or key in _REPEAT:
         return
-    launcher = _ops.inference_launcher(x2, weight, casting_mode, r2)
+    launcher = _ops.inference_launcher(x2, weight, casting_mode, r2, x.shape)
     if launcher is None:
         return
     if len(_REPEAT) >= _REPEAT_LIMIT:

@@ -188,16 +188,19 @@ def inference_launcher(
     weight: Optional[torch.Tensor],
     casting_mode: str,
     residual: Optional[torch.Tensor] = None,
+    shape=None,
 ):
     """``(plan, launch)`` for repeating an inference call (no gradient) of :func:`rmsnorm_rows`, or of
     :func:`add_rmsnorm_rows` with a ``residual``, on tensors of the same layouts:
-    ``launch(plan, x, weight, eps, offset[, residual])`` returns what that call returns. ``None`` for an
-    empty ``x``. The tensors are 2-D with unit column stride and ``weight`` (if any) has unit stride."""
+    ``launch(plan, x, weight, eps, offset[, residual])`` returns what that call returns, its outputs
+    shaped ``shape`` (default: ``x``'s). ``None`` for an empty ``x``. The tensors are 2-D with unit
+    column stride and ``weight`` (if any) has unit stride."""
     x_dtype = x.dtype
     if residual is not None and residual.dtype != x_dtype:
         x_dtype = torch.promote_types(x_dtype, residual.dtype)
     module = _kernel_module()
-    plan = module.inference_plan(x, weight, casting_mode, _out_dtype(x_dtype, weight, casting_mode), residual)
+    plan = module.inference_plan(x, weight, casting_mode, _out_dtype(x_dtype, weight, casting_mode), residual,
+                                 shape)
     return None if plan is None else (plan, module.launch_planned)
 
 

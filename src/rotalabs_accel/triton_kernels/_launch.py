@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch", "on_device", "current_device"]
+__all__ = ["launch", "arg_key", "direct_launch_enabled", "KernelLaunch", "on_device", "current_device",
+           "empty_template"]
 
 # (kernel, device, options, constexprs, arg_key) -> [compiled, constexpr tail, last grid, its runner]
 _COMPILED: dict[tuple, list] = {}
@@ -63,6 +64,20 @@ def on_device(index: int, fn, *args):
         with torch.cuda.device(index):
             return fn(*args)
     return fn(*args)
+
+
+def empty_template(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor expanded to ``shape``, kept by a launch plan: ``torch.empty_like`` of it
+    allocates a fresh contiguous ``shape`` tensor of ``dtype`` on ``device`` (an expanded tensor is not
+    dense, so its strides are not copied) with less argument parsing than ``torch.empty(shape, dtype=,
+    device=)`` or ``Tensor.new_empty``: a fraction of a microsecond per output on every call.
+
+    Example:
+        >>> t = empty_template((2, 3), torch.float32, torch.device("cpu"))
+        >>> torch.empty_like(t).stride()
+        (3, 1)
+    """
+    return torch.empty((1,) * len(shape), dtype=dtype, device=device).expand(shape)
 
 
 def direct_launch_enabled() -> bool:

@@ -44,7 +44,7 @@ import triton.language as tl
 from ..reference.int8 import AMAX_FLOOR, W8A8_MAX_K
 from ..utils import is_triton_interpreter
 from . import int8_config
-from ._launch import KernelLaunch, _current_stream, current_device, launch, on_device
+from ._launch import KernelLaunch, _current_stream, current_device, empty_template, launch, on_device
 from .int8_config import (
     DEFAULTS,
     DequantConfig,
@@ -930,15 +930,19 @@ def w8a16_linear(
     key = (m, n, k, x.dtype, group_size, bias is None, kernel, config, index, tma_ok)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember(key, _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config,
-                                          index, tma_ok))
-    site, k_per_split, split, tiles, tma = plan
+        plan = _w8a16_plan(m, n, k, x.dtype, group_size, bias is not None, kernel, config, index, tma_ok)
+        out_like = part_like = None
+        if plan[0] is not None:  # templates of the output and of the split-K partials
+            out_like = empty_template((m, n), x.dtype, x.device)
+            if plan[2] > 1:
+                part_like = empty_template((plan[2], m, n), torch.float32, x.device)
+        plan = _remember(key, (*plan, out_like, part_like))
+    site, k_per_split, split, tiles, tma, out_like, part_like = plan
     if site is None:  # the dequant variant: k_per_split holds its DequantConfig
         return _dequant_linear(x, weight, scale, bias, group_size, k_per_split)
-    # new_empty: the cheapest allocation call here (torch.empty(..., device=) parses the device each time)
-    out = x.new_empty((m, n))
+    out = torch.empty_like(out_like)
     if split > 1:
-        part = x.new_empty((split, m, n), dtype=torch.float32)
+        part = torch.empty_like(part_like)
         locks = _split_locks(index, tiles, x)
     else:
         part = locks = out

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch, current_device
+from ._launch import KernelLaunch, current_device, empty_template
 
 __all__ = [
     "CASTING_CODES",
@@ -845,7 +845,8 @@ def _rmsnorm_dw_reduce_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl
 class _Plan:
     """What a call needs besides its tensors: a strategy runner, its kernels and fixed sizes."""
 
-    __slots__ = ("run", "sites", "sizes", "device", "out_dtype", "s_dtype")
+    __slots__ = ("run", "sites", "sizes", "device", "out_dtype", "s_dtype", "y_like", "s_like", "rstd_like",
+                 "part_like")
 
     def __init__(self, run, sites, sizes, device, out_dtype=None, s_dtype=None):
         self.run = run
@@ -854,6 +855,8 @@ class _Plan:
         self.device = device
         self.out_dtype = out_dtype
         self.s_dtype = s_dtype
+        # templates of the buffers a call allocates (empty_template): torch.empty_like(plan.y_like), ...
+        self.y_like = self.s_like = self.rstd_like = self.part_like = None
 
 
 # Plans accumulate per distinct signature (shape, strides, dtypes, flags); a workload with an endless
@@ -914,6 +917,11 @@ def _forward_plan(key: tuple, x, weight, residual, config) -> _Plan:
         raise ValueError(f"rmsnorm_forward: unknown strategy {cfg.strategy!r}")
     plan.out_dtype = out_dtype or s_dtype
     plan.s_dtype = s_dtype
+    plan.y_like = empty_template((m, n), plan.out_dtype, x.device)
+    if residual is not None:
+        plan.s_like = empty_template((m, n), s_dtype, x.device)
+    if store_rstd:
+        plan.rstd_like = empty_template((m,), torch.float32, x.device)
     if len(_FWD_PLANS) >= _PLAN_LIMIT:
         _FWD_PLANS.clear()
     _FWD_PLANS[key] = plan
@@ -1028,11 +1036,9 @@ def rmsnorm_forward(
         if m == 0 or n == 0:
             return _empty_forward(x, residual, m, n, eps, out_dtype, store_rstd)
         plan = _forward_plan(key, x, weight, residual, config)
-    # empty_like is the cheapest allocation call; for a row-strided x it still returns contiguous rows
-    # (x is then not dense), and a single row's stride is never read.
-    y = torch.empty_like(x, dtype=plan.out_dtype)
-    new_residual = None if residual is None else torch.empty_like(x, dtype=plan.s_dtype)
-    rstd = x.new_empty((m,), dtype=torch.float32) if store_rstd else None
+    y = torch.empty_like(plan.y_like)
+    new_residual = None if residual is None else torch.empty_like(plan.s_like)
+    rstd = torch.empty_like(plan.rstd_like) if store_rstd else None
     if type(eps) is not float:
         eps = float(eps)
     if type(offset) is not float:
@@ -1047,14 +1053,16 @@ def rmsnorm_forward(
 
 
 def inference_plan(x: torch.Tensor, weight: torch.Tensor | None, casting_mode: str,
-                   out_dtype: torch.dtype, residual: torch.Tensor | None = None) -> _Plan | None:
+                   out_dtype: torch.dtype, residual: torch.Tensor | None = None,
+                   shape: tuple | None = None) -> _Plan | None:
     """The launch plan :func:`rmsnorm_forward` uses for an inference call on ``x`` (no ``rstd``), for
     :func:`launch_planned` to launch again; ``None`` for an empty ``x``.
 
     ``x`` (and ``residual``, when the call adds one) is ``(M, N)`` with unit column stride and
     ``weight`` (if any) has unit stride: the plan holds the sizes and row strides, so it serves every
     later call with tensors of the same layouts, dtypes and device (and any contiguous tensors whose
-    rows collapse to these).
+    rows collapse to these). ``shape`` (default ``(M, N)``) is the shape of the outputs
+    :func:`launch_planned` allocates: the caller's tensors' own shape, when their rows collapse to ``x``.
     """
     m, n = x.shape
     if m == 0 or n == 0:
@@ -1065,25 +1073,29 @@ def inference_plan(x: torch.Tensor, weight: torch.Tensor | None, casting_mode: s
     plan = _FWD_PLANS.get(key)
     if plan is None:
         plan = _forward_plan(key, x, weight, residual, None)
-    return plan
+    if shape is None or tuple(shape) == (m, n):
+        return plan
+    shaped = _Plan(plan.run, plan.sites, plan.sizes, plan.device, plan.out_dtype, plan.s_dtype)
+    shaped.y_like = empty_template(tuple(shape), plan.out_dtype, x.device)
+    if residual is not None:
+        shaped.s_like = empty_template(tuple(shape), plan.s_dtype, x.device)
+    return shaped
 
 
 def launch_planned(plan: _Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
                    residual: torch.Tensor | None = None):
-    """Launch a plan of :func:`inference_plan`: the normalized output in ``x``'s shape, or with a
-    ``residual`` the pair ``(normed, x + residual)``.
+    """Launch a plan of :func:`inference_plan`: the normalized output (contiguous, in the plan's
+    ``shape``), or with a ``residual`` the pair ``(normed, x + residual)``.
 
     The tensors have the plan's layouts (or are contiguous with the plan's row count and width), live
     on the current device, ``weight`` has unit stride, and ``eps`` and ``offset`` are floats. Nothing is
     checked here: the caller (the functional layer's repeat path) has.
     """
-    # empty_like is the cheapest allocation call; for a row-strided x it still returns contiguous rows
-    # (x is then not dense), and a single row's stride is never read.
-    y = torch.empty_like(x, dtype=plan.out_dtype)
+    y = torch.empty_like(plan.y_like)
     if residual is None:
         plan.run(plan, x, weight, None, y, None, None, eps, offset)
         return y
-    new_residual = torch.empty_like(x, dtype=plan.s_dtype)
+    new_residual = torch.empty_like(plan.s_like)
     plan.run(plan, x, weight, residual, y, new_residual, None, eps, offset)
     return y, new_residual
 
@@ -1137,6 +1149,8 @@ def _backward_plan(key: tuple, dy, x, weight, dresidual, compute_dw, config) -> 
         sites += (KernelLaunch(_rmsnorm_dw_reduce_kernel, (_cdiv(n, block_n),), 4, device=device,
                                BLOCK_P=block_p, BLOCK_N=block_n),)
     plan = _Plan(run, sites, sizes, device)
+    if compute_dw and not direct and cfg.strategy == "tile":
+        plan.part_like = empty_template((sizes[5], n), torch.float32, x.device)  # per-program dW partials
     if len(_BWD_PLANS) >= _PLAN_LIMIT:
         _BWD_PLANS.clear()
     _BWD_PLANS[key] = plan
@@ -1160,7 +1174,7 @@ def _backward_tile(plan, dy, x, w, rstd, dx, ds, compute_dw, offset):
         if direct:
             dw = torch.empty_like(w)
         else:
-            part = dx.new_empty((programs, n), dtype=torch.float32)
+            part = torch.empty_like(plan.part_like)
     pdy, px, pt, pdx = dy.data_ptr(), x.data_ptr(), rstd.data_ptr(), dx.data_ptr()
     key = pdy & 15 | (px & 15) << 4 | (pt & 15) << 8 | (pdx & 15) << 12
     pw = pds = pp = pdw = None
