@@ -377,6 +377,7 @@ def wall_us_per_call(fn, iters: int) -> float:
 
 
 DISPATCH_ROUNDS = 3
+GPU_TIME_CASES = ("TritonRMSNorm", "nn.RMSNorm", "TritonRMSNorm(x, r)", "F.rms_norm(x + r)")
 
 
 def run_dispatch(b: Bench):
@@ -463,6 +464,18 @@ def _dispatch_rows(b: Bench, m: int, n: int, iters: int):
             b.rows.append(Row("dispatch_wall", name, [m, n], us / 1000, note=note))
             print(f"  {name:32s} {str((m, n)):12s} {us:7.2f} us/call "
                   f"(rounds {min(times[name]):.2f}-{max(times[name]):.2f})", flush=True)
+    # The GPU's own time for the same calls, replayed from a CUDA graph: where a wall-clock row above
+    # exceeds it, the host set the pace.
+    with torch.inference_mode():
+        for name, fn, *_ in inference:
+            if name not in GPU_TIME_CASES:
+                continue
+            ms = graph_replay_ms(fn, *((10, 40) if b.quick else (50, 200)))
+            if ms is None:
+                b.notes.append(f"dispatch {name} {(m, n)}: could not be captured in a CUDA graph")
+                continue
+            b.rows.append(Row("dispatch_gpu", name, [m, n], ms, note="GPU time per call, CUDA-graph replay"))
+            print(f"  {name:32s} {str((m, n)):12s} {ms * 1000:7.2f} us/call GPU time (graph)", flush=True)
 
 
 @contextlib.contextmanager
