@@ -583,6 +583,7 @@ def test_repeat_path_gives_the_full_paths_bits(device, dtype, mode, layout, repe
         _full_path_only(monkeypatch)
         expected = rmsnorm(x, w, eps, offset=offset, casting_mode=mode)
     assert y.shape == expected.shape == x.shape and y.dtype == expected.dtype
+    assert y.is_contiguous() and expected.is_contiguous()  # a fresh dense output, whatever x's strides
     assert torch.equal(y, expected)
     reference = rmsnorm_reference(x.double(), None if w is None else w.double(),
                                   torch.finfo(torch.float32).eps if eps is None and dtype != torch.float64
@@ -673,6 +674,7 @@ def test_fused_repeat_path_gives_the_full_paths_bits(device, dtype, layout, repe
         _full_path_only(monkeypatch)
         y_full, s_full = rmsnorm_residual_fused(x, r, w, eps)
     assert y.shape == s.shape == y_full.shape == x.shape
+    assert y.is_contiguous() and s.is_contiguous() and y_full.is_contiguous() and s_full.is_contiguous()
     assert y.dtype == y_full.dtype and s.dtype == s_full.dtype == torch.promote_types(dtype, r.dtype)
     assert torch.equal(y, y_full) and torch.equal(s, s_full)
     assert torch.equal(s, x + r)  # the new residual is the rounded sum, exactly
