@@ -120,6 +120,8 @@ def _repeat_call(x, weight, eps, offset: float, casting_mode: str, residual=None
     autograd, and nothing else changed what it needs; otherwise ``None`` (the full path)."""
     if type(offset) is not float or (weight is None and offset != 0.0):
         return None
+    if type(x) is not _Tensor or (x.requires_grad and torch.is_grad_enabled()):
+        return None  # the common training call leaves before the key is built (_repeat_ok checks all)
     key = _repeat_key(x, weight, casting_mode, residual)
     entry = None if key is None else _REPEAT.get(key)
     if entry is None:
