@@ -753,6 +753,29 @@ def test_module_forward_matches_functional_and_fused_path():
     assert torch.equal(normed, rmsnorm_reference(x + r, norm.weight, 1e-5, offset=0.5, casting_mode="gemma"))
 
 
+def test_module_uses_a_parametrized_or_swapped_weight():
+    # forward reads the weight from the module's parameter dict; a parametrization (which moves it
+    # behind a property) and torch.func.functional_call (which swaps the dict's entry) still count.
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    norm = TritonRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    raw = norm.weight.detach().clone()
+    x, r = torch.randn(3, 16), torch.randn(3, 16)
+    other = torch.randn(16)
+    swapped = torch.func.functional_call(norm, {"weight": other}, (x,))
+    assert torch.equal(swapped, rmsnorm_reference(x, other, 1e-5))
+    parametrize.register_parametrization(norm, "weight", Doubled())
+    assert "weight" not in norm._parameters
+    assert torch.equal(norm(x), rmsnorm_reference(x, 2 * raw, 1e-5))
+    assert torch.equal(norm(x, r)[0], rmsnorm_reference(x + r, 2 * raw, 1e-5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_from_torch_rmsnorm(dtype):
     for eps in (None, 1e-5):

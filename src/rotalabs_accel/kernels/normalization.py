@@ -178,10 +178,14 @@ class TritonRMSNorm(torch.nn.RMSNorm):
             >>> norm = TritonRMSNorm(64)
             >>> normed, residual = norm(torch.randn(4, 64), torch.randn(4, 64))
         """
+        # the parameter straight from its dict (Module.__getattr__ costs more than the rest of this
+        # method); a parametrized weight (torch.nn.utils.parametrize) leaves the dict for a property
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
         if residual is None:
-            return rmsnorm(x, self.weight, self.eps, offset=self.offset, casting_mode=self.casting_mode)
+            return rmsnorm(x, weight, self.eps, offset=self.offset, casting_mode=self.casting_mode)
         return rmsnorm_residual_fused(
-            x, residual, self.weight, self.eps, offset=self.offset, casting_mode=self.casting_mode
+            x, residual, weight, self.eps, offset=self.offset, casting_mode=self.casting_mode
         )
 
     def extra_repr(self) -> str:
