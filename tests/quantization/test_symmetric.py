@@ -206,6 +206,29 @@ def test_from_linear_keeps_bias_dtype_device_and_mode():
         QuantizedLinear.from_linear(nn.Conv1d(2, 2, 1))
 
 
+def test_forward_uses_swapped_or_parametrized_tensors():
+    # forward reads its tensors from the module's dicts; torch.func.functional_call's swap and a
+    # parametrization (a property in place of the dict entry) are both seen.
+    from torch.nn.utils import parametrize
+
+    from rotalabs_accel import int8_gemm
+
+    class Halved(nn.Module):
+        def forward(self, s):
+            return s / 2
+
+    linear = nn.Linear(32, 16)
+    q = QuantizedLinear.from_linear(linear, mode="w8a16")
+    x = randn(3, 32)
+    bias = torch.randn(16)
+    swapped = torch.func.functional_call(q, {"bias": bias}, (x,))
+    assert torch.equal(swapped, int8_gemm(x, q.weight_int8, q.scale, bias, mode="w8a16"))
+    scale = q.scale.clone()
+    parametrize.register_parametrization(q, "scale", Halved())
+    assert "scale" not in q._buffers
+    assert torch.equal(q(x), int8_gemm(x, q.weight_int8, scale / 2, q.bias, mode="w8a16"))
+
+
 def test_quantized_linear_spec_example():
     linear = torch.nn.Linear(256, 128)
     qlinear = QuantizedLinear.from_linear(linear)
