@@ -308,6 +308,28 @@ def test_replaced_or_hooked_projection_runs_the_module():
         torch.testing.assert_close(ours(x), expected)
 
 
+def test_swapped_or_parametrized_projection_weights_are_used():
+    # forward reads the projections' parameters from their dicts: torch.func.functional_call's
+    # swap is seen, and a parametrized projection (another class) runs as a module.
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ours = SwiGLU(HIDDEN, INTER)
+    x = randn(3, HIDDEN)
+    w = randn(INTER, HIDDEN)
+    with rotalabs_accel.use_backend("torch"):
+        swapped = torch.func.functional_call(ours, {"up_proj.weight": w}, (x,))
+        expected = ours.down_proj(F.silu(ours.gate_proj(x)) * F.linear(x, w, ours.up_proj.bias))
+        torch.testing.assert_close(swapped, expected)
+        raw = ours.gate_proj.weight.detach().clone()
+        parametrize.register_parametrization(ours.gate_proj, "weight", Doubled())
+        expected = ours.down_proj(F.silu(F.linear(x, 2 * raw, ours.gate_proj.bias)) * ours.up_proj(x))
+        torch.testing.assert_close(ours(x), expected)
+
+
 # --------------------------------------------------------------------------------------------------
 # Other modes and shapes
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,30 @@ def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
         module._pack(strict=False)
 
 
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
+def _plain_linear_tensors(gate: nn.Module, up: nn.Module, down: nn.Module) -> tuple | None:
+    """``(gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)`` when all three are
+    plain ``nn.Linear`` layers (no hooks, parameters of no tensor subclass), else ``None``: replaced
+    projections (LoRA, quantized, parametrized: a parametrization changes the module's class) and
+    hooks need the modules themselves to run. The parameters come from each layer's dict, where
+    ``torch.func.functional_call`` swaps them too."""
+    weights, biases = [], []
+    for module in (gate, up, down):
+        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return None
+        params = module._parameters
+        weight, bias = params["weight"], params["bias"]
+        if type(weight) not in _PLAIN_TENSOR_TYPES:
+            return None
+        if bias is not None and type(bias) not in _PLAIN_TENSOR_TYPES:
+            return None
+        weights.append(weight)
+        biases.append(bias)
+    return (*weights, *biases)
+
+
 class SwiGLU(nn.Module):
     r"""SwiGLU feed-forward block, the MLP of Llama, Mistral, Qwen and PaLM.
 
@@ -123,8 +147,12 @@ class SwiGLU(nn.Module):
                 f"SwiGLU: the last dimension of x must be hidden_size={self.hidden_size}, "
                 f"got x of shape {list(x.shape)}"
             )
-        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if not self._plain_projections():
+        # submodules and parameters straight from the modules' dicts: Module.__getattr__ per access
+        # cost more host time than the rest of a decode-sized call's Python
+        modules = self._modules
+        gate, up, down = modules["gate_proj"], modules["up_proj"], modules["down_proj"]
+        tensors = _plain_linear_tensors(gate, up, down)
+        if tensors is None:
             # int8 gate/up: one GEMV launch at decode, its packed [..., 2I] output read as is
             gate_up = linears_of_one_input(x, (gate, up), concat=True)
             if gate_up is not None:
@@ -132,7 +160,7 @@ class SwiGLU(nn.Module):
             return down(swiglu_fused(gate(x), up(x)))
         if self.fused_gate_up and not self._warned_unpacked and not torch.compiler.is_compiling():
             # meta tensors have no storage to share (nothing runs on them): no packing to lose
-            if not self.gate_up_packed and gate.weight.device.type != "meta":
+            if packed_pair(tensors[0], tensors[1]) is None and tensors[0].device.type != "meta":
                 self._warned_unpacked = True
                 warnings.warn(
                     "SwiGLU(fused_gate_up=True): gate_proj.weight and up_proj.weight no longer share "
@@ -140,18 +168,7 @@ class SwiGLU(nn.Module):
                     "pack_gate_up_() to fuse them again.",
                     stacklevel=2,
                 )
-        return swiglu_ffn(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
-
-    def _plain_projections(self) -> bool:
-        # Replaced projections (LoRA, quantized), tensor-subclass weights and hooks need the modules
-        # themselves to run; only plain nn.Linear layers go through the fused path.
-        for module in (self.gate_proj, self.up_proj, self.down_proj):
-            if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
-                return False
-            for tensor in (module.weight, module.bias):
-                if tensor is not None and type(tensor) not in (nn.Parameter, torch.Tensor):
-                    return False
-        return True
+        return swiglu_ffn(x, *tensors)
 
     # ---------------------------------------------------------------------------------------------
     # Gate/up packing
