@@ -95,6 +95,30 @@ def is_triton_interpreter() -> bool:
     return environ_get("TRITON_INTERPRET") not in (None, "", "0")
 
 
+def module_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name)`` for a registered parameter or buffer, read from the module's own dicts.
+
+    ``Module.__getattr__`` (the lookup behind every parameter and buffer attribute) is Python code that
+    costs more host time than the rest of a decode-sized forward's bookkeeping; the modules' forwards
+    read their tensors through this instead. The same order as ``__getattr__`` (parameters, then
+    buffers); ``torch.func.functional_call`` swaps these dict entries, so its tensors are seen. A name in
+    neither dict (a parametrization moves it behind a property) goes through ``getattr``.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 3)
+        >>> module_tensor(layer, "weight") is layer.weight
+        True
+    """
+    params = module._parameters
+    if name in params:
+        return params[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``; ``False`` for device types autocast does not know
     (``torch.is_autocast_enabled`` raises for those, e.g. ``"meta"``)."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..functional.gemm import MODES, int8_gemm, int8_gemm_group
 from ..reference.int8 import dequantize_weight_reference, infer_group_size, quantize_weight_reference
+from ..utils import module_tensor
 
 __all__ = ["Int8Linear", "int8_gemm", "linears_of_one_input"]
 
@@ -181,14 +182,10 @@ class Int8Linear(nn.Module):
                 f"{type(self).__name__}: no weights yet; call quantize_weights(weight) or load a "
                 "state_dict before forward"
             )
-        # the tensors straight from the module's dicts (Module.__getattr__ costs about as much per
-        # attribute as the rest of a decode call's Python); a parametrized one is a property instead
-        buffers, params = self._buffers, self._parameters
-        if "weight_int8" in buffers and "scale" in buffers and "bias" in params:
-            weight, scale, bias = buffers["weight_int8"], buffers["scale"], params["bias"]
-        else:
-            weight, scale, bias = self.weight_int8, self.scale, self.bias
-        return int8_gemm(x, weight, scale, bias, group_size=self.group_size, mode=self.mode)
+        return int8_gemm(
+            x, module_tensor(self, "weight_int8"), module_tensor(self, "scale"), module_tensor(self, "bias"),
+            group_size=self.group_size, mode=self.mode,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -12,6 +12,7 @@ import torch
 
 from ..functional.normalization import rmsnorm, rmsnorm_residual_fused
 from ..reference.rmsnorm import CASTING_MODES
+from ..utils import module_tensor
 
 __all__ = ["TritonRMSNorm", "rmsnorm", "rmsnorm_residual_fused"]
 
@@ -178,10 +179,7 @@ class TritonRMSNorm(torch.nn.RMSNorm):
             >>> norm = TritonRMSNorm(64)
             >>> normed, residual = norm(torch.randn(4, 64), torch.randn(4, 64))
         """
-        # the parameter straight from its dict (Module.__getattr__ costs more than the rest of this
-        # method); a parametrized weight (torch.nn.utils.parametrize) leaves the dict for a property
-        params = self._parameters
-        weight = params["weight"] if "weight" in params else self.weight
+        weight = module_tensor(self, "weight")
         if residual is None:
             return rmsnorm(x, weight, self.eps, offset=self.offset, casting_mode=self.casting_mode)
         return rmsnorm_residual_fused(

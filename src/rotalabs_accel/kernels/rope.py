@@ -15,6 +15,7 @@ from torch import nn
 
 from ..functional.rope import apply_rope, build_rope_cache
 from ..reference import rope as _ref
+from ..utils import module_tensor
 
 __all__ = ["RotaryEmbedding", "apply_rope", "build_rope_cache"]
 
@@ -137,12 +138,6 @@ class RotaryEmbedding(nn.Module):
     def _rebuild(self, rows: int, device: torch.device) -> None:
         self.cos_cached, self.sin_cached = self._compute(rows, self.freq_seq_len, device)
 
-    def _cache(self, name: str) -> torch.Tensor:
-        """The buffer ``name`` from the buffer dict (cheaper than ``Module.__getattr__`` on every call),
-        or through the attribute where a parametrization replaced the entry."""
-        buffers = self._buffers
-        return buffers[name] if name in buffers else getattr(self, name)
-
     def _update_cache(self, needed: int, device: torch.device) -> None:
         rows = self.cache_len
         if self.rope_type == "dynamic":
@@ -226,12 +221,12 @@ class RotaryEmbedding(nn.Module):
                         "seq_len= (the frequencies depend on the largest position, which is not read "
                         "while tracing)"
                     )
-                needed = self._cache("cos_cached").shape[0]
+                needed = module_tensor(self, "cos_cached").shape[0]
             else:  # reading the largest position is a host sync
                 needed = int(position_ids.max()) + 1
         else:
             needed = offset + seq
-        cache = self._cache("cos_cached")
+        cache = module_tensor(self, "cos_cached")
         if (
             needed > cache.shape[0]
             or self.rope_type == "dynamic"
@@ -239,12 +234,12 @@ class RotaryEmbedding(nn.Module):
             or cache.dtype != torch.float32
         ):
             self._update_cache(max(needed, 1), q.device)
-            cache = self._cache("cos_cached")
+            cache = module_tensor(self, "cos_cached")
         return apply_rope(
             q,
             k,
             cache,
-            self._cache("sin_cached"),
+            module_tensor(self, "sin_cached"),
             position_ids=position_ids,
             offset=offset,
             layout=self.layout,
